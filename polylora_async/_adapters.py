@@ -1,0 +1,417 @@
+"""Reading PEFT LoRA adapters and validating them against the wrapped model.
+
+Identity, raw files and validated weights stay apart: :class:`RawAdapter` is what a source holds
+(a PEFT config dict and its tensors), :class:`AdapterWeights` is what the model can place into a
+slot (per wrapped layer: A, B and the scale), validated against that model's layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._errors import (
+    AdapterFormatError,
+    AdapterLoadError,
+    PolyLoraWarning,
+    UnsupportedAdapterError,
+)
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+# Config keys of PEFT's LoraConfig that do not change what a loaded adapter computes at inference
+# (training-time initialisation, bookkeeping, or coverage that the saved weights already express).
+_HARMLESS_KEYS = frozenset(
+    {
+        "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+        "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
+        "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "init_lora_weights",
+        "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_config",
+        "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora",
+        "lora_bias", "layer_replication", "runtime_config", "target_parameters", "trainable_token_indices",
+        "alora_invocation_tokens", "use_qalora", "qalora_group_size", "use_bdlora", "arrow_config",
+        "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying",
+    }
+)
+
+# Config keys whose presence (truthy value) changes the forward pass in ways this runtime does not
+# implement: each is refused by name rather than silently served wrong.
+_UNSUPPORTED_FLAGS: dict[str, str] = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "LoRA bias on lora_B",
+    "modules_to_save": "fully trained copies of modules (`modules_to_save`)",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on raw parameters (`target_parameters`)",
+    "trainable_token_indices": "trainable token embeddings",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA input pooling",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+    "megatron_config": "Megatron parallel layers",
+}
+
+_warned_unknown_keys: set[frozenset[str]] = set()
+
+
+@dataclass(frozen=True)
+class RawAdapter:
+    """An adapter as its source holds it, before validation against a model.
+
+    Attributes:
+        config: the PEFT ``adapter_config.json`` content.
+        tensors: the state dict, keyed as PEFT saves it (``base_model.model.<path>.lora_A.weight``).
+        origin: where it came from, for error messages (a path, or a description).
+    """
+
+    config: Mapping[str, Any]
+    tensors: Mapping[str, torch.Tensor]
+    origin: str
+
+
+@dataclass(frozen=True)
+class LayerLora:
+    """One layer's LoRA factors: ``delta(x) = scale * (x @ a.T) @ b.T``.
+
+    Attributes:
+        a: ``[r, in_features]``.
+        b: ``[out_features, r]``.
+        scale: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A validated adapter for one wrapped model: per wrapped layer name, its LoRA factors.
+
+    Layers the adapter does not cover are absent (rank 0 there: no work, base output unchanged).
+    """
+
+    adapter_id: str
+    layers: Mapping[str, LayerLora]
+    origin: str
+    nbytes: int = field(default=0)
+
+    @property
+    def max_rank(self) -> int:
+        return max((lora.rank for lora in self.layers.values()), default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sources
+# ---------------------------------------------------------------------------------------------
+
+
+def read_peft_directory(adapter_id: str, path: str | os.PathLike[str]) -> RawAdapter:
+    """Read a PEFT adapter directory (``adapter_config.json`` + weights) without validating it.
+
+    ``adapter_model.safetensors`` is preferred; ``adapter_model.bin`` is read only through
+    ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+
+    Raises:
+        AdapterLoadError: the directory or a file is missing, truncated or corrupt.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterLoadError(f"adapter {adapter_id!r}: {str(root)!r} is not a directory")
+    config_path = root / CONFIG_FILE
+    if not config_path.is_file():
+        nested = sorted(p.parent.name for p in root.glob(f"*/{CONFIG_FILE}"))
+        hint = f"; sub-folders holding one: {nested}" if nested else ""
+        raise AdapterLoadError(f"adapter {adapter_id!r}: missing {str(config_path)!r}{hint}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"adapter {adapter_id!r}: cannot parse {str(config_path)!r}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterLoadError(
+            f"adapter {adapter_id!r}: {str(config_path)!r} must hold a JSON object, got {type(config).__name__}"
+        )
+
+    weights_path = root / SAFETENSORS_FILE
+    if weights_path.is_file():
+        tensors = _read_safetensors(adapter_id, weights_path)
+    elif (root / PICKLE_FILE).is_file():
+        tensors = _read_torch_pickle(adapter_id, root / PICKLE_FILE)
+    else:
+        raise AdapterLoadError(
+            f"adapter {adapter_id!r}: no weights in {str(root)!r} (expected {SAFETENSORS_FILE} or {PICKLE_FILE})"
+        )
+    return RawAdapter(config=config, tensors=tensors, origin=str(root))
+
+
+def _read_safetensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types and OSError
+        raise AdapterLoadError(f"adapter {adapter_id!r}: cannot read {str(path)!r}: {exc}") from exc
+
+
+def _read_torch_pickle(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise AdapterLoadError(
+            f"adapter {adapter_id!r}: cannot read {str(path)!r} with the safe loader: {exc}"
+        ) from exc
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise AdapterLoadError(f"adapter {adapter_id!r}: {str(path)!r} does not hold a dict of tensors")
+    return loaded
+
+
+def raw_from_peft_model(adapter_id: str, peft_model: Any, adapter_name: str | None = None) -> RawAdapter:
+    """Take one named adapter out of an in-memory ``peft.PeftModel`` (weights copied to CPU)."""
+    from peft import get_peft_model_state_dict
+
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, Mapping):
+        raise AdapterFormatError(f"adapter {adapter_id!r}: {type(peft_model).__name__} is not a PeftModel")
+    name = adapter_name if adapter_name is not None else getattr(peft_model, "active_adapter", "default")
+    if name not in configs:
+        raise AdapterFormatError(
+            f"adapter {adapter_id!r}: the PeftModel has no adapter named {name!r} (it has {sorted(configs)})"
+        )
+    config = configs[name].to_dict()
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    return RawAdapter(config=config, tensors=tensors, origin=f"PeftModel adapter {name!r}")
+
+
+def raw_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | Any, origin: str = "state dict"
+) -> RawAdapter:
+    """Wrap a PEFT-style state dict and its config (a dict or a ``peft.LoraConfig``)."""
+    if not isinstance(config, Mapping):
+        to_dict = getattr(config, "to_dict", None)
+        if to_dict is None:
+            raise AdapterFormatError(f"{origin}: config must be a mapping or a peft.LoraConfig")
+        config = to_dict()
+    return RawAdapter(config=dict(config), tensors=dict(state_dict), origin=origin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation against a model
+# ---------------------------------------------------------------------------------------------
+
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    in_features: int
+    out_features: int
+
+
+def validate_adapter(
+    adapter_id: str,
+    raw: RawAdapter,
+    layers: Mapping[str, LayerShape],
+    max_rank: int,
+    dtype: torch.dtype,
+) -> AdapterWeights:
+    """Check a raw adapter against the wrapped layers and turn it into :class:`AdapterWeights`.
+
+    Args:
+        adapter_id: the id the adapter is served under (named in every error).
+        raw: the adapter as read.
+        layers: wrapped layer name -> its shape.
+        max_rank: the largest rank the model's slots hold.
+        dtype: the dtype weights are converted to (the base layers' dtype).
+
+    Raises:
+        UnsupportedAdapterError: a PEFT feature this runtime does not serve.
+        AdapterFormatError: anything else that does not fit (names the module/field and value).
+    """
+    where = f"adapter {adapter_id!r} ({raw.origin})"
+    spec = _LoraSpec.parse(where, raw.config)
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.tensors.items():
+        module, part = _split_key(where, key)
+        pairs.setdefault(module, {})[part] = tensor
+    if not pairs:
+        raise AdapterFormatError(f"{where}: the weights hold no LoRA tensors")
+
+    resolver = _NameResolver(layers)
+    out: dict[str, LayerLora] = {}
+    nbytes = 0
+    for module, parts in pairs.items():
+        missing = {"lora_A", "lora_B"} - parts.keys()
+        if missing:
+            raise AdapterFormatError(f"{where}: module {module!r} has no {sorted(missing)[0]} weight")
+        layer_name = resolver.resolve(where, module)
+        shape = layers[layer_name]
+        a, b = parts["lora_A"], parts["lora_B"]
+        _check_tensor(where, f"{module}.lora_A", a)
+        _check_tensor(where, f"{module}.lora_B", b)
+        rank = int(a.shape[0])
+        if rank < 1 or a.shape[1] != shape.in_features:
+            raise AdapterFormatError(
+                f"{where}: {module}.lora_A has shape {tuple(a.shape)}, but layer {layer_name!r} needs "
+                f"[r, {shape.in_features}]"
+            )
+        if b.shape[0] != shape.out_features or b.shape[1] != rank:
+            raise AdapterFormatError(
+                f"{where}: {module}.lora_B has shape {tuple(b.shape)}, but layer {layer_name!r} needs "
+                f"[{shape.out_features}, {rank}] (out_features, r)"
+            )
+        if rank > max_rank:
+            raise AdapterFormatError(
+                f"{where}: module {module!r} has rank {rank}, above the model's max_rank={max_rank}"
+            )
+        expected = spec.rank_for(module)
+        if expected != rank:
+            raise AdapterFormatError(
+                f"{where}: module {module!r} has rank {rank} in its weights but {expected} in its config"
+            )
+        if layer_name in out:
+            raise AdapterFormatError(f"{where}: two sets of weights map to layer {layer_name!r}")
+        a_conv = a.detach().to(dtype=dtype).contiguous()
+        b_conv = b.detach().to(dtype=dtype).contiguous()
+        out[layer_name] = LayerLora(a=a_conv, b=b_conv, scale=spec.scale_for(module, rank))
+        nbytes += a_conv.numel() * a_conv.element_size() + b_conv.numel() * b_conv.element_size()
+    return AdapterWeights(adapter_id=adapter_id, layers=out, origin=raw.origin, nbytes=nbytes)
+
+
+def _split_key(where: str, key: str) -> tuple[str, str]:
+    if "lora_magnitude_vector" in key:
+        raise UnsupportedAdapterError(f"{where}: DoRA weights are not supported (tensor {key!r})")
+    if "modules_to_save" in key:
+        raise UnsupportedAdapterError(f"{where}: `modules_to_save` weights are not supported (tensor {key!r})")
+    if "lora_embedding_" in key:
+        raise UnsupportedAdapterError(f"{where}: LoRA on embedding layers is not supported (tensor {key!r})")
+    if re.search(r"\.lora_B(\.[^.]+)?\.bias$", key):
+        raise UnsupportedAdapterError(f"{where}: LoRA bias is not supported (tensor {key!r})")
+    match = _KEY.match(key)
+    if match is None:
+        raise AdapterFormatError(f"{where}: tensor {key!r} is not a LoRA weight (expected '...lora_A.weight')")
+    module = match["module"]
+    for prefix in ("base_model.model.",):
+        if module.startswith(prefix):
+            module = module[len(prefix) :]
+    return module, match["part"]
+
+
+def _check_tensor(where: str, name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise AdapterFormatError(f"{where}: {name} must be a 2-D tensor, got {shape}")
+    if not tensor.is_floating_point():
+        raise AdapterFormatError(f"{where}: {name} must be floating point, got {tensor.dtype}")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise AdapterFormatError(f"{where}: {name} holds {bad} NaN/Inf values")
+
+
+class _NameResolver:
+    """Maps an adapter's module paths to wrapped layer names.
+
+    Exact names first; otherwise one dotted-suffix relation, so an adapter trained on
+    ``LlamaModel`` (``layers.0...``) also fits a wrapped ``LlamaForCausalLM`` (``model.layers.0...``).
+    """
+
+    def __init__(self, layers: Mapping[str, LayerShape]) -> None:
+        self._names = list(layers)
+        self._exact = set(layers)
+
+    def resolve(self, where: str, module: str) -> str:
+        if module in self._exact:
+            return module
+        found = [n for n in self._names if n.endswith("." + module) or module.endswith("." + n)]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise AdapterFormatError(
+                f"{where}: weights for module {module!r}, which is not a wrapped layer "
+                f"(wrapped layers look like {self._names[:3]})"
+            )
+        raise AdapterFormatError(f"{where}: module {module!r} matches several wrapped layers: {found[:4]}")
+
+
+@dataclass(frozen=True)
+class _LoraSpec:
+    r: int
+    alpha: float
+    use_rslora: bool
+    rank_pattern: Mapping[str, int]
+    alpha_pattern: Mapping[str, float]
+
+    @classmethod
+    def parse(cls, where: str, config: Mapping[str, Any]) -> _LoraSpec:
+        raw_type = config.get("peft_type", "LORA")
+        peft_type = str(getattr(raw_type, "value", raw_type))  # an enum when taken from a live PeftModel
+        if peft_type.upper() != "LORA":
+            raise UnsupportedAdapterError(f"{where}: field `peft_type` is {peft_type!r}; only 'LORA' is served")
+        for key, feature in _UNSUPPORTED_FLAGS.items():
+            value = config.get(key)
+            if value not in (None, False, [], {}, ()):
+                raise UnsupportedAdapterError(f"{where}: field `{key}`={value!r}: {feature} is not supported")
+        bias = config.get("bias", "none")
+        if bias != "none":
+            raise UnsupportedAdapterError(f"{where}: field `bias`={bias!r}: LoRA bias is not supported")
+        unknown = frozenset(config) - _HARMLESS_KEYS
+        if unknown and unknown not in _warned_unknown_keys:
+            _warned_unknown_keys.add(unknown)
+            warnings.warn(
+                f"{where}: ignoring unknown adapter_config keys {sorted(unknown)}", PolyLoraWarning, stacklevel=4
+            )
+        r = config.get("r", 8)
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise AdapterFormatError(f"{where}: field `r` must be an integer >= 1, got {r!r}")
+        alpha = config.get("lora_alpha", 8)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise AdapterFormatError(f"{where}: field `lora_alpha` must be a finite number, got {alpha!r}")
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+            if not isinstance(pattern, Mapping):
+                raise AdapterFormatError(f"{where}: field `{name}` must be a mapping, got {pattern!r}")
+            for key, value in pattern.items():
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise AdapterFormatError(f"{where}: field `{name}`[{key!r}] must be a number, got {value!r}")
+        return cls(
+            r=r,
+            alpha=float(alpha),
+            use_rslora=bool(config.get("use_rslora", False)),
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+        )
+
+    def rank_for(self, module: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def scale_for(self, module: str, rank: int) -> float:
+        alpha = float(_pattern_value(self.alpha_pattern, module, self.alpha))
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule: the first key that matches a dotted suffix of the module path (as a regex)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default

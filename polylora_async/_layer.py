@@ -1,0 +1,141 @@
+"""MultiLoraLinear: an nn.Linear whose every batch row can carry its own LoRA adapter."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._adapters import LayerLora
+from ._batch import BatchContext, BatchState, MixedSharedInputError
+from .kernels import lora_apply_
+
+
+class MultiLoraLinear(nn.Module):
+    """Replaces one targeted ``nn.Linear``; holds every slot's LoRA factors for this layer.
+
+    Slot storage (slot 0 is the base model, rank 0, never written):
+      * ``lora_a``: ``[slots, max_rank, in_features]`` (PEFT's ``lora_A.weight`` layout per slot),
+      * ``lora_b``: ``[slots, max_rank, out_features]`` (``lora_B.weight`` transposed, so both
+        factors are contiguous along the hidden dimension the kernels stream),
+      * per-slot true rank and scale, kept in fp32 whatever the model's dtype.
+
+    Rows of a batch read their slot from the shared batch context; the layer itself holds no
+    per-batch state.
+    """
+
+    def __init__(self, base: nn.Linear, name: str, num_slots: int, max_rank: int, state: BatchState) -> None:
+        super().__init__()
+        self.base = base
+        self.layer_name = name
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.max_rank = max_rank
+        self._state = state
+        weight = base.weight
+        self.register_buffer(
+            "lora_a",
+            torch.zeros(num_slots, max_rank, base.in_features, dtype=weight.dtype, device=weight.device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lora_b",
+            torch.zeros(num_slots, max_rank, base.out_features, dtype=weight.dtype, device=weight.device),
+            persistent=False,
+        )
+        # Host copies decide control flow without reading the device; device copies feed kernels.
+        self.slot_ranks: list[int] = [0] * num_slots
+        self.slot_scales: list[float] = [0.0] * num_slots
+        self._ranks_dev = torch.zeros(num_slots, dtype=torch.int32)
+        self._scales_dev = torch.zeros(num_slots, dtype=torch.float32)
+
+    # -- slot management (called by the model wrapper between batches) -------------------------
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, lora: LayerLora | None) -> None:
+        """Place one adapter's factors for this layer into ``slot`` (None: rank 0 here)."""
+        assert slot != 0, "slot 0 is the base model"
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if lora is None:
+            self.slot_ranks[slot] = 0
+            self.slot_scales[slot] = 0.0
+        else:
+            r = lora.rank
+            self.lora_a[slot, :r].copy_(lora.a, non_blocking=True)
+            self.lora_b[slot, :r].copy_(lora.b.t(), non_blocking=True)
+            self.slot_ranks[slot] = r
+            self.slot_scales[slot] = lora.scale
+        self._ranks_dev[slot] = self.slot_ranks[slot]
+        self._scales_dev[slot] = self.slot_scales[slot]
+
+    def _slot_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ranks_dev.device != device:
+            self._ranks_dev = self._ranks_dev.to(device)
+            self._scales_dev = self._scales_dev.to(device)
+        return self._ranks_dev, self._scales_dev
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ctx = self._state.current
+        if ctx is None or not ctx.meta.any_lora:
+            return y
+        if x.dim() >= 2 and x.shape[0] == ctx.num_rows:
+            ranks, scales = self._slot_tables(y.device)
+            lora_apply_(
+                y.view(ctx.num_rows, -1, self.out_features),
+                x.reshape(ctx.num_rows, -1, self.in_features),
+                self.lora_a,
+                self.lora_b,
+                ranks,
+                scales,
+                ctx.meta,
+            )
+            return y
+        return self._forward_shared(x, y, ctx)
+
+    def _forward_shared(self, x: torch.Tensor, y: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """A tensor whose leading dimension is not the batch's: all rows share it.
+
+        If every row uses the same adapter in this layer, that adapter applies to the shared tensor.
+        If rows differ, one tensor cannot hold every row's answer: inside a model patch that
+        understands per-row results (``ctx.expand_shared``) the layer returns a ``[rows, ...]``
+        tensor; anywhere else it raises, and the model re-runs the batch in homogeneous groups.
+        """
+        effective = tuple(s if self.slot_ranks[s] > 0 else 0 for s in ctx.meta.row_slots_host)
+        distinct = tuple(dict.fromkeys(s for s in effective if s != 0))
+        if not distinct:
+            return y
+        ranks, scales = self._slot_tables(y.device)
+        if len(distinct) == 1 and 0 not in effective:
+            meta = ctx.meta_for(distinct, y.device)
+            lora_apply_(
+                y.view(1, -1, self.out_features),
+                x.reshape(1, -1, self.in_features),
+                self.lora_a, self.lora_b, ranks, scales, meta,
+            )
+            return y
+        if not ctx.expand_shared or x.dim() < 2 or x.shape[0] != 1:
+            raise MixedSharedInputError(self.layer_name)
+        # Per distinct adapter: base output + its update; then each row picks its adapter's result.
+        groups = (0, *distinct)
+        per_group = y.expand(len(groups), *y.shape[1:]).clone()
+        lora_apply_(
+            per_group[1:].view(len(distinct), -1, self.out_features),
+            x.reshape(1, -1, self.in_features).expand(len(distinct), -1, -1),
+            self.lora_a, self.lora_b, ranks, scales, ctx.meta_for(distinct, y.device),
+        )
+        index = ctx.derived(
+            ("rows", effective),
+            y.device,
+            lambda: torch.tensor([groups.index(s) for s in effective], dtype=torch.long, device=y.device),
+        )
+        assert isinstance(index, torch.Tensor)
+        return per_group.index_select(0, index)
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.layer_name!r}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"slots={self.lora_a.shape[0]}, max_rank={self.max_rank}"
+        )

@@ -1,0 +1,344 @@
+"""MultiLoraModel: wraps any nn.Module so each batch row can run with its own LoRA adapter."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._adapters import (
+    AdapterWeights,
+    LayerShape,
+    RawAdapter,
+    raw_from_peft_model,
+    raw_from_state_dict,
+    read_peft_directory,
+    validate_adapter,
+)
+from ._batch import BatchContext, BatchState, MixedSharedInputError
+from ._config import BASE_ADAPTER, WrapConfig
+from ._errors import (
+    AdapterNotFoundError,
+    BatchInputError,
+    ConfigError,
+    PolyLoraWarning,
+    SlotsFullError,
+    TargetModulesError,
+)
+from ._layer import MultiLoraLinear
+from ._patches import apply_patches
+from .kernels import build_batch_meta
+
+AdapterSource = str | os.PathLike[str] | RawAdapter | AdapterWeights
+
+class MultiLoraModel(nn.Module):
+    """A model whose targeted ``nn.Linear`` layers serve a different LoRA adapter on every row.
+
+    Wrapping replaces the targeted layers in place (the wrapped module is modified and owned by
+    this object). Adapters are loaded into slots; a forward pass names an adapter id per row, or
+    :data:`BASE_ADAPTER` for the plain base model.
+
+    Example::
+
+        model = MultiLoraModel(llama, WrapConfig(target_modules=["q_proj", "v_proj"], max_rank=16))
+        model.load_adapter("support-bot", "/adapters/support-bot")
+        out = model(input_ids=ids, attention_mask=mask, adapter_ids=["support-bot", "__base__"])
+
+    Args:
+        model: the base model; its parameters are not changed.
+        config: which layers to wrap, ``max_rank`` and the number of slots.
+
+    Raises:
+        TargetModulesError: ``target_modules`` matches nothing, or matches a non-Linear module.
+    """
+
+    def __init__(self, model: nn.Module, config: WrapConfig) -> None:
+        super().__init__()
+        if not isinstance(config, WrapConfig):
+            raise ConfigError(f"`config` must be a WrapConfig, got {type(config).__name__}")
+        self.model = model
+        self.config = config
+        self._state = BatchState()
+        self._lock = threading.RLock()
+        self._layers: dict[str, MultiLoraLinear] = {}
+        self._wrap(model, config)
+        self.patched_modules = apply_patches(model, self._state)
+        # slot -> adapter id; slot 0 is the base model.
+        self._slot_owner: list[str | None] = [BASE_ADAPTER] + [None] * config.num_slots
+        self._slot_of: dict[str, int] = {}
+        self._split_mode = False
+        self.split_batches = 0
+        """How many batches ran split into adapter-homogeneous groups (see :meth:`forward`)."""
+
+    # -- wrapping ---------------------------------------------------------------------------------
+
+    def _wrap(self, model: nn.Module, config: WrapConfig) -> None:
+        matched = [(n, m) for n, m in model.named_modules() if n and config.targets(n)]
+        if not matched:
+            raise TargetModulesError(
+                f"`target_modules`={config.target_modules!r} matches no module of {type(model).__name__}"
+            )
+        wrong = [(n, type(m).__name__) for n, m in matched if type(m) is not nn.Linear]
+        # A container whose own name matches (e.g. an `attention` block) is an error only if it was
+        # the sole match for that pattern; PEFT reports the same condition.
+        if wrong:
+            raise TargetModulesError(
+                "`target_modules` matches modules that are not nn.Linear: "
+                + ", ".join(f"{n} ({t})" for n, t in wrong[:5])
+            )
+        slots = config.num_slots + 1
+        for name, linear in matched:
+            assert isinstance(linear, nn.Linear)
+            layer = MultiLoraLinear(linear, name, slots, config.max_rank, self._state)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer)
+            self._layers[name] = layer
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the wrapped layers, as paths inside the wrapped model."""
+        return list(self._layers)
+
+    def layer_shapes(self) -> dict[str, LayerShape]:
+        return {n: LayerShape(layer.in_features, layer.out_features) for n, layer in self._layers.items()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self._layers.values())).lora_a.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._layers.values())).lora_a.device
+
+    # -- adapters ---------------------------------------------------------------------------------
+
+    def prepare_adapter(
+        self, adapter_id: str, source: AdapterSource | Any, *, peft_adapter_name: str | None = None
+    ) -> AdapterWeights:
+        """Read and validate an adapter for this model without placing it in a slot.
+
+        Args:
+            adapter_id: the id it will be served under.
+            source: a PEFT adapter directory, a ``peft.PeftModel`` (with ``peft_adapter_name``),
+                a :class:`RawAdapter`, or already validated :class:`AdapterWeights`.
+
+        Raises:
+            AdapterLoadError, AdapterFormatError, UnsupportedAdapterError: the adapter is unusable;
+                the message names the adapter, the file or module, and the value.
+        """
+        _check_adapter_id(adapter_id)
+        if isinstance(source, AdapterWeights):
+            return source
+        if isinstance(source, RawAdapter):
+            raw = source
+        elif isinstance(source, (str, os.PathLike)):
+            raw = read_peft_directory(adapter_id, source)
+        elif hasattr(source, "peft_config"):
+            raw = raw_from_peft_model(adapter_id, source, peft_adapter_name)
+        elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Mapping):
+            raw = raw_from_state_dict(source[0], source[1])
+        else:
+            raise TypeError(
+                f"adapter {adapter_id!r}: unsupported source {type(source).__name__}; expected a directory, "
+                "a PeftModel, a (state_dict, config) tuple, RawAdapter or AdapterWeights"
+            )
+        return validate_adapter(adapter_id, raw, self.layer_shapes(), self.config.max_rank, self.dtype)
+
+    def load_adapter(
+        self, adapter_id: str, source: AdapterSource | Any, *, peft_adapter_name: str | None = None
+    ) -> int:
+        """Validate an adapter and place it into a free slot; returns the slot.
+
+        Loading an id that is already loaded replaces it (the new version goes to a fresh slot, so
+        a failed load leaves the old version serving). Nothing is changed if validation fails.
+
+        Raises:
+            SlotsFullError: every slot is taken; :meth:`unload_adapter` one first.
+            AdapterLoadError: see :meth:`prepare_adapter`.
+        """
+        weights = self.prepare_adapter(adapter_id, source, peft_adapter_name=peft_adapter_name)
+        with self._lock:
+            free = [i for i, owner in enumerate(self._slot_owner) if owner is None]
+            if not free:
+                raise SlotsFullError(
+                    f"cannot load adapter {adapter_id!r}: all {self.config.num_slots} slots are taken "
+                    f"({sorted(self._slot_of)}); unload one first"
+                )
+            slot = free[0]
+            self.write_slot(slot, weights)
+            old = self._slot_of.get(adapter_id)
+            self._slot_owner[slot] = adapter_id
+            self._slot_of[adapter_id] = slot
+            if old is not None:
+                self._slot_owner[old] = None
+            return slot
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Free the slot of a loaded adapter.
+
+        Raises:
+            AdapterNotFoundError: the adapter is not loaded.
+        """
+        with self._lock:
+            slot = self._slot_of.pop(adapter_id, None)
+            if slot is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
+            self._slot_owner[slot] = None
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        return sorted(self._slot_of)
+
+    def slot_of(self, adapter_id: str) -> int:
+        """The slot serving ``adapter_id`` (0 for :data:`BASE_ADAPTER`)."""
+        if adapter_id == BASE_ADAPTER:
+            return 0
+        try:
+            return self._slot_of[adapter_id]
+        except KeyError:
+            raise AdapterNotFoundError(
+                f"adapter {adapter_id!r} is not loaded (loaded: {sorted(self._slot_of)[:10]})"
+            ) from None
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, weights: AdapterWeights) -> None:
+        """Write validated weights into ``slot`` of every wrapped layer (layers it lacks get rank 0).
+
+        Low level: the caller owns slot bookkeeping and must not write a slot a running batch reads.
+        """
+        if not 1 <= slot <= self.config.num_slots:
+            raise ValueError(f"slot must be in [1, {self.config.num_slots}], got {slot}")
+        unknown = set(weights.layers) - self._layers.keys()
+        if unknown:
+            raise ValueError(f"adapter {weights.adapter_id!r} was validated for another model: {sorted(unknown)[:3]}")
+        for name, layer in self._layers.items():
+            layer.write_slot(slot, weights.layers.get(name))
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, adapter_ids: Sequence[str], **kwargs: Any) -> Any:
+        """Run the wrapped model once; row ``i`` uses adapter ``adapter_ids[i]``.
+
+        Every tensor argument whose first dimension equals ``len(adapter_ids)`` is per-row.
+        Rows are independent: each gets the output it would get alone with its adapter (within
+        dtype tolerance), including rows of different lengths under right padding.
+
+        If the model feeds a tensor shared by all rows into a wrapped layer while rows use
+        different adapters, and no patch for that architecture exists, the batch is run again in
+        adapter-homogeneous groups (exact, slower; warned once, counted in ``split_batches``).
+
+        Raises:
+            BatchInputError: ``adapter_ids`` is empty or does not match the inputs' batch size.
+            AdapterNotFoundError: an adapter id is not loaded.
+        """
+        slots = self._row_slots(adapter_ids, args, kwargs)
+        return self.forward_slots(slots, *args, **kwargs)
+
+    def forward_slots(self, slots: Sequence[int], *args: Any, **kwargs: Any) -> Any:
+        """Like :meth:`forward`, with slot numbers instead of adapter ids (for schedulers)."""
+        with self._lock:
+            distinct = set(slots)
+            if self._split_mode and len(distinct) > 1:
+                self.split_batches += 1
+                return self._forward_split(list(slots), args, kwargs)
+            try:
+                return self._forward_once(list(slots), args, kwargs)
+            except MixedSharedInputError as exc:
+                self._split_mode = True
+                warnings.warn(
+                    f"layer {exc.layer_name!r} runs on a tensor shared by all rows and this architecture "
+                    f"({type(self.model).__name__}) has no per-row patch: mixed-adapter batches will run "
+                    "in adapter-homogeneous groups (exact, but slower)",
+                    PolyLoraWarning,
+                    stacklevel=3,
+                )
+                self.split_batches += 1
+                return self._forward_split(list(slots), args, kwargs)
+
+    def _forward_once(self, slots: list[int], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._state.current = BatchContext(build_batch_meta(slots, self.device))
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._state.current = None
+
+    def _forward_split(self, slots: list[int], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        rows = len(slots)
+        groups: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            groups.setdefault(slot, []).append(row)
+        outputs = []
+        for slot, members in groups.items():
+            index = torch.tensor(members, dtype=torch.long)
+            g_args = _select_rows(args, rows, index)
+            g_kwargs = _select_rows(kwargs, rows, index)
+            outputs.append((members, self._forward_once([slot] * len(members), g_args, g_kwargs)))
+        return _merge_rows(outputs, rows)
+
+    def _row_slots(self, adapter_ids: Sequence[str], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[int]:
+        if isinstance(adapter_ids, str) or not isinstance(adapter_ids, Sequence):
+            raise BatchInputError(f"`adapter_ids` must be a sequence of adapter ids, got {type(adapter_ids).__name__}")
+        if not adapter_ids:
+            raise BatchInputError("`adapter_ids` is empty: a batch needs at least one row")
+        batch = [t.shape[0] for t in _tensors(args, kwargs) if t.dim() > 0]
+        if batch and len(adapter_ids) not in batch:
+            raise BatchInputError(
+                f"`adapter_ids` has {len(adapter_ids)} entries but the inputs' batch dimension is {batch[0]}"
+            )
+        return [self.slot_of(a) for a in adapter_ids]
+
+    def iter_layers(self) -> Iterable[MultiLoraLinear]:
+        return self._layers.values()
+
+def _check_adapter_id(adapter_id: object) -> None:
+    if not isinstance(adapter_id, str) or not adapter_id:
+        raise ValueError(f"adapter ids must be non-empty strings, got {adapter_id!r}")
+    if adapter_id == BASE_ADAPTER:
+        raise ValueError(f"{BASE_ADAPTER!r} is reserved for the base model")
+
+def _tensors(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterable[torch.Tensor]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+
+def _select_rows(value: Any, rows: int, index: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == rows:
+            return value.index_select(0, index.to(value.device))
+        return value
+    if isinstance(value, tuple):
+        return tuple(_select_rows(v, rows, index) for v in value)
+    if isinstance(value, list):
+        return [_select_rows(v, rows, index) for v in value]
+    if isinstance(value, dict):
+        return {k: _select_rows(v, rows, index) for k, v in value.items()}
+    return value
+
+def _merge_rows(outputs: list[tuple[list[int], Any]], rows: int) -> Any:
+    """Reassemble per-group outputs into one batch-ordered output of the same structure."""
+    first = outputs[0][1]
+    if isinstance(first, torch.Tensor):
+        if first.dim() == 0 or first.shape[0] != len(outputs[0][0]):
+            raise BatchInputError("a model output is not per-row; the batch cannot be split by adapter")
+        merged = first.new_empty((rows, *first.shape[1:]))
+        for members, out in outputs:
+            merged[torch.tensor(members, device=merged.device)] = out
+        return merged
+    if first is None:
+        return None
+    if isinstance(first, Mapping):
+        values = {k: _merge_rows([(m, o[k]) for m, o in outputs], rows) for k in first.keys()}
+        try:
+            return type(first)(**values)
+        except TypeError:
+            return type(first)(values)
+    if isinstance(first, (tuple, list)):
+        items = [_merge_rows([(m, o[i]) for m, o in outputs], rows) for i in range(len(first))]
+        return type(first)(items)
+    return first
