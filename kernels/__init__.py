@@ -1,13 +1,48 @@
-"""Multi-LoRA kernels: batch metadata, the torch reference, and the dispatching host function."""
+"""Multi-LoRA kernels: batch metadata, the torch reference, the Triton SGMV path and the dispatcher.
+
+:func:`lora_apply_` is what model layers call. It picks:
+
+* CUDA tensors -> the Triton kernels (:func:`lora_apply_triton_`), or the reference when triton is
+  not importable or the dtype has no kernel (float64);
+* CPU tensors -> the torch reference, unless ``TRITON_INTERPRET=1`` AND ``POLYLORA_KERNELS=triton``
+  are set, in which case the Triton kernels run in triton's interpreter (how CI tests them).
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .metadata import LoraBatchMeta, build_batch_meta
 from .reference import lora_apply_reference_
+from .sgmv import (
+    SUPPORTED_DTYPES,
+    SgmvConfig,
+    launch_config,
+    lora_apply_triton_,
+    lora_expand_,
+    lora_shrink,
+    triton_available,
+)
 
-__all__ = ["LoraBatchMeta", "build_batch_meta", "lora_apply_", "lora_apply_reference_"]
+__all__ = [
+    "LoraBatchMeta",
+    "SgmvConfig",
+    "build_batch_meta",
+    "launch_config",
+    "lora_apply_",
+    "lora_apply_reference_",
+    "lora_apply_triton_",
+    "lora_expand_",
+    "lora_shrink",
+    "triton_available",
+]
+
+
+def _cpu_uses_triton() -> bool:
+    # Read per call (cheap, CPU path only) so a test can set the variables after this import.
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("POLYLORA_KERNELS") == "triton"
 
 
 def lora_apply_(
@@ -19,5 +54,14 @@ def lora_apply_(
     scales: torch.Tensor,  # [slots] float32
     meta: LoraBatchMeta,
 ) -> None:
-    """Add each row's LoRA update into ``y`` in place; see :func:`lora_apply_reference_` for the math."""
-    lora_apply_reference_(y, x, a_stack, b_stack, ranks, scales, meta)
+    """Add each row's LoRA update into ``y`` in place; see :func:`lora_apply_reference_` for the math.
+
+    Semantics: for each row b with slot s = meta.row_slots[b] and r = ranks[s]:
+        if r > 0: y[b] += scales[s] * (x[b] @ a_stack[s, :r].T) @ b_stack[s, :r]
+    accumulated in fp32, rounded once into y's dtype; rows with r == 0 stay bit-identical.
+    """
+    # float64 (tests, CPU oracles) has no Triton path: the reference handles it anywhere.
+    if (y.is_cuda or _cpu_uses_triton()) and y.dtype in SUPPORTED_DTYPES and triton_available():
+        lora_apply_triton_(y, x, a_stack, b_stack, ranks, scales, meta)
+    else:
+        lora_apply_reference_(y, x, a_stack, b_stack, ranks, scales, meta)

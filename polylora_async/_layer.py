@@ -23,6 +23,9 @@ class MultiLoraLinear(nn.Module):
     per-batch state.
     """
 
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+
     def __init__(self, base: nn.Linear, name: str, num_slots: int, max_rank: int, state: BatchState) -> None:
         super().__init__()
         self.base = base
@@ -104,6 +107,7 @@ class MultiLoraLinear(nn.Module):
         tensor; anywhere else it raises, and the model re-runs the batch in homogeneous groups.
         """
         effective = tuple(s if self.slot_ranks[s] > 0 else 0 for s in ctx.meta.row_slots_host)
+        out_shape = tuple(y.shape[1:])
         distinct = tuple(dict.fromkeys(s for s in effective if s != 0))
         if not distinct:
             return y
@@ -113,18 +117,26 @@ class MultiLoraLinear(nn.Module):
             lora_apply_(
                 y.view(1, -1, self.out_features),
                 x.reshape(1, -1, self.in_features),
-                self.lora_a, self.lora_b, ranks, scales, meta,
+                self.lora_a,
+                self.lora_b,
+                ranks,
+                scales,
+                meta,
             )
             return y
         if not ctx.expand_shared or x.dim() < 2 or x.shape[0] != 1:
             raise MixedSharedInputError(self.layer_name)
         # Per distinct adapter: base output + its update; then each row picks its adapter's result.
         groups = (0, *distinct)
-        per_group = y.expand(len(groups), *y.shape[1:]).clone()
+        per_group = y.expand(len(groups), *out_shape).clone()
         lora_apply_(
             per_group[1:].view(len(distinct), -1, self.out_features),
             x.reshape(1, -1, self.in_features).expand(len(distinct), -1, -1),
-            self.lora_a, self.lora_b, ranks, scales, ctx.meta_for(distinct, y.device),
+            self.lora_a,
+            self.lora_b,
+            ranks,
+            scales,
+            ctx.meta_for(distinct, y.device),
         )
         index = ctx.derived(
             ("rows", effective),

@@ -36,6 +36,7 @@ from .kernels import build_batch_meta
 
 AdapterSource = str | os.PathLike[str] | RawAdapter | AdapterWeights
 
+
 class MultiLoraModel(nn.Module):
     """A model whose targeted ``nn.Linear`` layers serve a different LoRA adapter on every row.
 
@@ -110,11 +111,14 @@ class MultiLoraModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self._layers.values())).lora_a.dtype
+        return self._first_layer().lora_a.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self._layers.values())).lora_a.device
+        return self._first_layer().lora_a.device
+
+    def _first_layer(self) -> MultiLoraLinear:
+        return next(iter(self._layers.values()))
 
     # -- adapters ---------------------------------------------------------------------------------
 
@@ -296,16 +300,19 @@ class MultiLoraModel(nn.Module):
     def iter_layers(self) -> Iterable[MultiLoraLinear]:
         return self._layers.values()
 
+
 def _check_adapter_id(adapter_id: object) -> None:
     if not isinstance(adapter_id, str) or not adapter_id:
         raise ValueError(f"adapter ids must be non-empty strings, got {adapter_id!r}")
     if adapter_id == BASE_ADAPTER:
         raise ValueError(f"{BASE_ADAPTER!r} is reserved for the base model")
 
+
 def _tensors(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterable[torch.Tensor]:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             yield value
+
 
 def _select_rows(value: Any, rows: int, index: torch.Tensor) -> Any:
     if isinstance(value, torch.Tensor):
@@ -319,6 +326,7 @@ def _select_rows(value: Any, rows: int, index: torch.Tensor) -> Any:
     if isinstance(value, dict):
         return {k: _select_rows(v, rows, index) for k, v in value.items()}
     return value
+
 
 def _merge_rows(outputs: list[tuple[list[int], Any]], rows: int) -> Any:
     """Reassemble per-group outputs into one batch-ordered output of the same structure."""
@@ -337,7 +345,7 @@ def _merge_rows(outputs: list[tuple[list[int], Any]], rows: int) -> Any:
         try:
             return type(first)(**values)
         except TypeError:
-            return type(first)(values)
+            return dict(values)
     if isinstance(first, (tuple, list)):
         items = [_merge_rows([(m, o[i]) for m, o in outputs], rows) for i in range(len(first))]
         return type(first)(items)

@@ -57,7 +57,7 @@ def _patch_deberta_v2(module: nn.Module, state: BatchState) -> bool:
         or "disentangled_attention_bias" in module.__dict__
     ):
         return False
-    original = module.disentangled_attention_bias
+    original: Callable[..., Any] = module.disentangled_attention_bias  # type: ignore[assignment]
 
     def disentangled_attention_bias(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx = state.current
@@ -69,7 +69,7 @@ def _patch_deberta_v2(module: nn.Module, state: BatchState) -> bool:
         finally:
             ctx.expand_shared = False
 
-    module.disentangled_attention_bias = types.MethodType(disentangled_attention_bias, module)
+    setattr(module, "disentangled_attention_bias", types.MethodType(disentangled_attention_bias, module))  # noqa: B010
     return True
 
 

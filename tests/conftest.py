@@ -24,8 +24,13 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=101, max_position_embeddings=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=128,
     )
     return LlamaModel(config).eval()
 
@@ -35,10 +40,21 @@ def tiny_deberta_v3(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = DebertaV2Config(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=101,
-        max_position_embeddings=128, relative_attention=True, pos_att_type=["p2c", "c2p"],
-        share_att_key=True, position_buckets=16, max_relative_positions=-1, norm_rel_ebd="layer_norm",
-        type_vocab_size=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        vocab_size=101,
+        max_position_embeddings=128,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        share_att_key=True,
+        position_buckets=16,
+        max_relative_positions=-1,
+        norm_rel_ebd="layer_norm",
+        type_vocab_size=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return DebertaV2Model(config).eval()
 
@@ -61,9 +77,7 @@ class AdapterSet:
             return self.peft(**inputs).last_hidden_state
 
 
-def save_peft_adapters(
-    base: nn.Module, specs: dict[str, dict[str, object]], root: Path, seed: int = 1
-) -> AdapterSet:
+def save_peft_adapters(base: nn.Module, specs: dict[str, dict[str, object]], root: Path, seed: int = 1) -> AdapterSet:
     """Create one PEFT LoRA adapter per spec (random A and B), save each, load all into one PeftModel."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -90,8 +104,11 @@ LLAMA_ADAPTERS: dict[str, dict[str, object]] = {
     "qv-r4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "all-r8-rslora": {"r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": LLAMA_TARGETS},
     "patterns": {
-        "r": 2, "lora_alpha": 4, "target_modules": r".*\.(k_proj|o_proj|down_proj)",
-        "rank_pattern": {"k_proj": 6}, "alpha_pattern": {"o_proj": 3},
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": r".*\.(k_proj|o_proj|down_proj)",
+        "rank_pattern": {"k_proj": 6},
+        "alpha_pattern": {"o_proj": 3},
     },
 }
 

@@ -27,7 +27,9 @@ def _assert_rows_match_solo(model: MultiLoraModel, adapters: AdapterSet, rows: l
         out = model(input_ids=ids, attention_mask=mask, adapter_ids=rows).last_hidden_state
     for i, (adapter, n) in enumerate(zip(rows, lengths, strict=True)):
         solo = adapters.solo(adapter, input_ids=ids[i : i + 1, :n], attention_mask=mask[i : i + 1, :n])
-        torch.testing.assert_close(out[i : i + 1, :n], solo, **FP32_TOL, msg=lambda m, a=adapter, i=i: f"row {i} ({a}): {m}")
+        torch.testing.assert_close(
+            out[i : i + 1, :n], solo, **FP32_TOL, msg=lambda m, a=adapter, i=i: f"row {i} ({a}): {m}"
+        )
 
 
 def _assert_adapters_distinct(adapters: AdapterSet, names: list[str]) -> None:
@@ -112,5 +114,9 @@ def test_in_memory_peft_model_and_state_dict_sources(llama_set: AdapterSet) -> N
     ids, mask = padded_batch([5, 5], seed=4)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, adapter_ids=["from-peft", "from-state"]).last_hidden_state
-    torch.testing.assert_close(out[0:1], llama_set.solo(names[1], input_ids=ids[:1], attention_mask=mask[:1]), **FP32_TOL)
-    torch.testing.assert_close(out[1:2], llama_set.solo(names[2], input_ids=ids[1:], attention_mask=mask[1:]), **FP32_TOL)
+    torch.testing.assert_close(
+        out[0:1], llama_set.solo(names[1], input_ids=ids[:1], attention_mask=mask[:1]), **FP32_TOL
+    )
+    torch.testing.assert_close(
+        out[1:2], llama_set.solo(names[2], input_ids=ids[1:], attention_mask=mask[1:]), **FP32_TOL
+    )
