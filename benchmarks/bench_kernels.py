@@ -4,8 +4,10 @@ For each serving shape it prints (and with ``--json`` writes):
 
 * base ms (``F.linear`` in bf16), base + LoRA ms, overhead %, eagerly (``triton.testing.do_bench``:
   median, L2 flushed before every call) and inside a CUDA graph (``do_bench_cudagraph``: no host
-  launch overhead; the only way decode-sized layers are not CPU-bound);
-* the shrink and the expand timed on their own;
+  launch overhead; the only way decode-sized layers are not CPU-bound). "+lora" runs
+  ``lora_apply_trusted_`` (what ``MultiLoraLinear`` calls); eagerly, "+lora chk" runs the checked
+  ``lora_apply_``;
+* the split path's two halves (shrink, expand; used for stacks wider than rank 128) on their own;
 * the LoRA part's bytes floor -- x read once, y read + written once, each distinct adapter's A and B
   once (at their true rank) -- and the share of the measured device-copy bandwidth it achieves:
   ``floor_bytes / lora_seconds / copy_bandwidth`` (1.0 = as fast as a copy of the same bytes).
@@ -13,9 +15,14 @@ For each serving shape it prints (and with ``--json`` writes):
 Every case is checked against the fp64 reference before it is timed. Inputs rotate among several
 buffer sets so that the working set exceeds the 50-60 MB L2 (graph mode does not flush it).
 
+Last, the host cost per call (``--host``, default on): wall time of 1000 eager calls on a tiny
+shape, synchronised once at the end, for the checked and trusted entry points, the trusted one
+with triton's own launch path instead of the cached launcher, and a whole ``MultiLoraLinear``
+forward against the ``nn.Linear`` it wraps.
+
 Usage::
 
-    python benchmarks/bench_kernels.py [--quick] [--json results.json] [--case decode ...]
+    python benchmarks/bench_kernels.py [--quick] [--json results.json] [--case decode ...] [--no-host]
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import itertools
 import json
 import platform
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,8 +45,10 @@ from polylora_async.kernels import (
     build_batch_meta,
     lora_apply_,
     lora_apply_reference_,
+    lora_apply_trusted_,
     lora_expand_,
     lora_shrink,
+    sgmv,
 )
 
 
@@ -60,6 +70,7 @@ CASES = [
     BenchCase("encoder-768x768-a64", rows=64, tokens=128, in_features=768, out_features=768, rank=8, adapters=64),
     BenchCase("encoder-768x3072-a16", rows=64, tokens=128, in_features=768, out_features=3072, rank=8, adapters=16),
     BenchCase("encoder-768x3072-a64", rows=64, tokens=128, in_features=768, out_features=3072, rank=8, adapters=64),
+    BenchCase("encoder-3072x768-a16", rows=64, tokens=128, in_features=3072, out_features=768, rank=8, adapters=16),
 ]
 TARGETS = {"decode": 100.0, "prefill": 20.0}  # overhead % the brief asks for
 DTYPE = torch.bfloat16
@@ -91,7 +102,7 @@ def measure_copy_bandwidth(quick: bool) -> float:
     return 2 * _bytes(src) / (ms * 1e-3)
 
 
-def make_sets(case: BenchCase, slots: int) -> list[BufferSet]:
+def make_sets(case: BenchCase, slots: int, max_sets: int | None = None) -> list[BufferSet]:
     g = torch.Generator(device="cuda").manual_seed(0)
     dev = "cuda"
     b, t, k, n, r = case.rows, case.tokens, case.in_features, case.out_features, case.rank
@@ -113,6 +124,8 @@ def make_sets(case: BenchCase, slots: int) -> list[BufferSet]:
     first = one()
     per_set = sum(_bytes(v) for v in (first.x, first.y, first.weight, first.a_stack, first.b_stack))
     count = max(2, -(-L2_DEFEAT_BYTES // per_set))
+    if max_sets is not None:
+        count = min(count, max_sets)
     return [first] + [one() for _ in range(count - 1)]
 
 
@@ -158,8 +171,17 @@ def run_case(case: BenchCase, copy_bw: float, quick: bool) -> dict[str, Any]:
 
     def base_lora(s: BufferSet) -> object:
         y = F.linear(s.x, s.weight)
+        lora_apply_trusted_(y, s.x, s.a_stack, s.b_stack, ranks, scales, meta)
+        return y
+
+    def base_lora_checked(s: BufferSet) -> object:
+        y = F.linear(s.x, s.weight)
         lora_apply_(y, s.x, s.a_stack, s.b_stack, ranks, scales, meta)
         return y
+
+    def lora_alone(s: BufferSet) -> object:
+        lora_apply_trusted_(s.y, s.x, s.a_stack, s.b_stack, ranks, scales, meta)
+        return None
 
     def shrink(s: BufferSet) -> object:
         return lora_shrink(s.x, s.a_stack, ranks, meta)
@@ -180,15 +202,21 @@ def run_case(case: BenchCase, copy_bw: float, quick: bool) -> dict[str, Any]:
     for mode, graph in (("eager", False), ("graph", True)):
         base_ms = bench(rotating(base), graph, quick)
         total_ms = bench(rotating(base_lora), graph, quick)
+        checked_ms = total_ms if graph else bench(rotating(base_lora_checked), graph, quick)
+        alone_ms = bench(rotating(lora_alone), graph, quick)
         shrink_ms = bench(rotating(shrink), graph, quick)
         expand_ms = bench(rotating(expand), graph, quick)
         lora_ms = max(total_ms - base_ms, 1e-9)
         result[mode] = {
             "base_ms": base_ms,
             "base_lora_ms": total_ms,
+            "base_lora_checked_ms": checked_ms,
             "overhead_pct": 100.0 * (total_ms - base_ms) / base_ms,
+            "overhead_checked_pct": 100.0 * (checked_ms - base_ms) / base_ms,
             "lora_ms": lora_ms,
             "lora_copy_bw_share": floor / (lora_ms * 1e-3) / copy_bw,
+            "lora_alone_ms": alone_ms,
+            "lora_alone_copy_bw_share": floor / (alone_ms * 1e-3) / copy_bw,
             "shrink_ms": shrink_ms,
             "shrink_copy_bw_share": (x_bytes + a_bytes) / (shrink_ms * 1e-3) / copy_bw,
             "expand_ms": expand_ms,
@@ -197,11 +225,93 @@ def run_case(case: BenchCase, copy_bw: float, quick: bool) -> dict[str, Any]:
     return result
 
 
+HOST_CALLS = 1000
+
+
+def _host_us(fn: Callable[[], object], calls: int) -> float:
+    """Wall microseconds per call of ``calls`` eager calls, synchronised once at the end."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def measure_host(extra: dict[str, Callable[[Any], Callable[[], object]]] | None = None) -> dict[str, float]:
+    """Host cost per call on a tiny shape (4 rows x 1 token, 64 -> 64, rank 16, 4 adapters).
+
+    The GPU work per call is a few microseconds, so the wall time per call is the host's time (the
+    launch queue never fills). ``extra`` maps a name to a factory that receives the inputs'
+    namespace and returns a callable to time too (the sweep uses it for the old code).
+    """
+    from types import SimpleNamespace
+
+    from polylora_async._adapters import LayerLora
+    from polylora_async._batch import BatchContext, BatchState
+    from polylora_async._layer import MultiLoraLinear
+
+    dev, rows, hidden, rank, slots = "cuda", 4, 64, 16, 5
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(rows, 1, hidden, generator=g, device=dev).to(DTYPE)
+    y = torch.randn(rows, 1, hidden, generator=g, device=dev).to(DTYPE)
+    a_stack = torch.randn(slots, rank, hidden, generator=g, device=dev).to(DTYPE)
+    b_stack = torch.randn(slots, rank, hidden, generator=g, device=dev).to(DTYPE)
+    ranks = torch.full((slots,), rank, dtype=torch.int32, device=dev)
+    ranks[0] = 0
+    scales = torch.full((slots,), 0.5, dtype=torch.float32, device=dev)
+    meta = build_batch_meta([1, 2, 3, 4], dev)
+    linear = torch.nn.Linear(hidden, hidden, bias=False, device=dev, dtype=DTYPE)
+    state = BatchState()
+    layer = MultiLoraLinear(linear, "bench", slots, rank, state)
+    for slot in range(1, slots):
+        layer.write_slot(slot, LayerLora(a=a_stack[slot], b=b_stack[slot].t(), scale=0.5))
+    state.current = BatchContext(meta)
+    inputs = SimpleNamespace(x=x, y=y, a_stack=a_stack, b_stack=b_stack, ranks=ranks, scales=scales, meta=meta)
+
+    def checked() -> None:
+        lora_apply_(y, x, a_stack, b_stack, ranks, scales, meta)
+
+    def trusted() -> None:
+        lora_apply_trusted_(y, x, a_stack, b_stack, ranks, scales, meta)
+
+    results = {
+        "lora_apply_ (checked)": _host_us(checked, HOST_CALLS),
+        "lora_apply_trusted_": _host_us(trusted, HOST_CALLS),
+    }
+    launchers = (sgmv._FUSED, sgmv._SHRINK, sgmv._EXPAND)
+    saved = [launcher._enabled for launcher in launchers]
+    try:
+        for launcher in launchers:
+            launcher._enabled = False
+        results["lora_apply_trusted_, triton's kernel[grid] launch"] = _host_us(trusted, HOST_CALLS)
+    finally:
+        for launcher, enabled in zip(launchers, saved, strict=True):
+            launcher._enabled = enabled
+    with torch.inference_mode():
+        results["nn.Linear forward"] = _host_us(lambda: linear(x), HOST_CALLS)
+        results["MultiLoraLinear forward"] = _host_us(lambda: layer(x), HOST_CALLS)
+    for name, factory in (extra or {}).items():
+        results[name] = _host_us(factory(inputs), HOST_CALLS)
+    return results
+
+
+def print_host(host: dict[str, float]) -> None:
+    print(f"host cost per call, {HOST_CALLS} eager calls, 4 rows x 1 token, 64 -> 64, r16:")
+    for name, us in host.items():
+        print(f"  {name:<58} {us:8.2f} us")
+    if "MultiLoraLinear forward" in host:
+        added = host["MultiLoraLinear forward"] - host["nn.Linear forward"]
+        print(f"  {'-> the wrapper adds':<58} {added:8.2f} us per layer call")
+
+
 def print_table(results: list[dict[str, Any]], copy_bw: float) -> None:
     print(f"device copy bandwidth: {copy_bw / 1e12:.2f} TB/s (bytes read + written / time)")
     header = (
-        f"{'case':<22} {'mode':<5} {'base ms':>8} {'+lora ms':>9} {'ovh %':>7} {'target':>7} "
-        f"{'floor MB':>9} {'bw share':>8} {'shrink ms':>9} {'expand ms':>9} {'rel err':>8}"
+        f"{'case':<22} {'mode':<5} {'base ms':>8} {'+lora ms':>9} {'ovh %':>7} {'chk ovh%':>8} {'target':>7} "
+        f"{'floor MB':>9} {'lora ms':>8} {'bw share':>8} {'shrink ms':>9} {'expand ms':>9} {'rel err':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -211,10 +321,12 @@ def print_table(results: list[dict[str, Any]], copy_bw: float) -> None:
             target = TARGETS.get(r["name"])
             print(
                 f"{r['name']:<22} {mode:<5} {m['base_ms']:>8.4f} {m['base_lora_ms']:>9.4f} "
-                f"{m['overhead_pct']:>7.1f} {('<=' + str(int(target))) if target else '-':>7} "
-                f"{r['floor_bytes'] / 1e6:>9.1f} {m['lora_copy_bw_share']:>8.2f} "
+                f"{m['overhead_pct']:>7.1f} {m['overhead_checked_pct']:>8.1f} "
+                f"{('<=' + str(int(target))) if target else '-':>7} "
+                f"{r['floor_bytes'] / 1e6:>9.1f} {m['lora_alone_ms']:>8.4f} {m['lora_alone_copy_bw_share']:>8.2f} "
                 f"{m['shrink_ms']:>9.4f} {m['expand_ms']:>9.4f} {r['rel_error']:>8.1e}"
             )
+    print("lora ms / bw share: the LoRA update alone (lora_apply_trusted_ on the base output), vs its bytes floor")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=[c.name for c in CASES],
         help="run only this case (repeatable); default: all",
     )
+    parser.add_argument("--no-host", action="store_true", help="skip the host cost per call")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA device", file=sys.stderr)
@@ -247,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"WRONG: {case.name}: relative error {result['rel_error']:.2e} vs the fp64 reference")
         results.append(result)
     print_table(results, copy_bw)
+    host = {} if args.no_host else measure_host()
+    if host:
+        print_host(host)
     if args.json:
         payload = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -258,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             "copy_bandwidth_bytes_per_s": copy_bw,
             "quick": args.quick,
             "results": results,
+            "host_us_per_call": host,
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

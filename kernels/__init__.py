@@ -1,6 +1,7 @@
-"""Multi-LoRA kernels: batch metadata, the torch reference, the Triton SGMV path and the dispatcher.
+"""Multi-LoRA kernels: batch metadata, the torch reference, the Triton SGMV path and the dispatchers.
 
-:func:`lora_apply_` is what model layers call. It picks:
+:func:`lora_apply_` is the checked entry point; :func:`lora_apply_trusted_` is the same dispatch
+without the argument checks, for a layer that guarantees them (its hot path). Both pick:
 
 * CUDA tensors -> the Triton kernels (:func:`lora_apply_triton_`), or the reference when triton is
   not importable or the dtype has no kernel (float64);
@@ -21,6 +22,7 @@ from .sgmv import (
     SgmvConfig,
     launch_config,
     lora_apply_triton_,
+    lora_apply_triton_unchecked_,
     lora_expand_,
     lora_shrink,
     triton_available,
@@ -34,6 +36,8 @@ __all__ = [
     "lora_apply_",
     "lora_apply_reference_",
     "lora_apply_triton_",
+    "lora_apply_triton_unchecked_",
+    "lora_apply_trusted_",
     "lora_expand_",
     "lora_shrink",
     "triton_available",
@@ -65,3 +69,37 @@ def lora_apply_(
         lora_apply_triton_(y, x, a_stack, b_stack, ranks, scales, meta)
     else:
         lora_apply_reference_(y, x, a_stack, b_stack, ranks, scales, meta)
+
+
+def lora_apply_trusted_(
+    y: torch.Tensor,  # [B, T, out], updated in place
+    x: torch.Tensor,  # [B, T, in]
+    a_stack: torch.Tensor,  # [slots, max_rank, in]
+    b_stack: torch.Tensor,  # [slots, max_rank, out]
+    ranks: torch.Tensor,  # [slots] int32
+    scales: torch.Tensor,  # [slots] float32
+    meta: LoraBatchMeta,
+) -> None:
+    """:func:`lora_apply_` for callers that guarantee its arguments (a layer's per-call hot path).
+
+    Semantics: as :func:`lora_apply_`. On CUDA it skips the argument checks
+    (:func:`lora_apply_triton_unchecked_` lists what the caller guarantees); everywhere else it
+    is :func:`lora_apply_`, checks included. The few checks that guard against silently wrong
+    results in a layer (the dtypes agree -- autocast can make them differ -- and the metadata
+    lives on the activations' device) stay: they cost well under a microsecond.
+    """
+    dtype = y.dtype
+    buffer = meta.device_buffer
+    if (
+        y.is_cuda
+        and dtype in SUPPORTED_DTYPES
+        and x.dtype == dtype
+        and a_stack.dtype == dtype
+        and b_stack.dtype == dtype
+        and buffer is not None
+        and buffer.get_device() == y.get_device()
+        and triton_available()
+    ):
+        lora_apply_triton_unchecked_(y, x, a_stack, b_stack, ranks, scales, meta)
+    else:
+        lora_apply_(y, x, a_stack, b_stack, ranks, scales, meta)

@@ -150,8 +150,14 @@ def build_batch_meta(
     distinct, packed, counts = _segment_layout(host)
     num_rows = len(host)
     values = torch.tensor(packed, dtype=torch.int32).view(_BUFFER_ROWS, num_rows)
+    if torch.device(device).type == "cuda":
+        # From pageable memory a host->device copy first waits for all queued device work; from
+        # pinned memory it is queued like a kernel, so building the next batch's metadata never
+        # stalls on the batch still running. (The caching host allocator keeps the pinned block
+        # alive until the copy has run.)
+        values = values.pin_memory()
     if out is None:
-        buffer = values.to(device)
+        buffer = values.to(device, non_blocking=True)
     else:
         buffer = _refill(out, values, num_rows, device)
     return LoraBatchMeta(
@@ -182,5 +188,5 @@ def _refill(out: LoraBatchMeta, values: torch.Tensor, num_rows: int, device: tor
     wanted = torch.device(device)
     if wanted.type != buffer.device.type or (wanted.index is not None and wanted != buffer.device):
         raise ValueError(f"`out` lives on {buffer.device}, but `device` is {wanted}")
-    buffer.copy_(values)
+    buffer.copy_(values, non_blocking=True)
     return buffer

@@ -1,7 +1,16 @@
-"""Host functions of the Triton SGMV path: check shapes, allocate, pick a launch config, launch.
+"""Host functions of the Triton SGMV path: check shapes, pick a launch plan, launch.
 
-Runtime code calls :func:`lora_apply_triton_` (through :func:`polylora_async.kernels.lora_apply_`);
-:func:`lora_shrink` and :func:`lora_expand_` are its two halves, public for tests and benchmarks.
+Runtime code calls :func:`lora_apply_triton_` (through :func:`polylora_async.kernels.lora_apply_`),
+or, from a layer that already guarantees the arguments, :func:`lora_apply_triton_unchecked_`.
+Both run ONE fused kernel for stacks up to rank 128 (shrink and expand in one launch, the rank-r
+projection kept in registers) and fall back to the two halves, :func:`lora_shrink` then
+:func:`lora_expand_` (public for tests and benchmarks), for wider stacks.
+
+Host cost per call is kept small on purpose: on small models a LoRA layer's GPU work takes a few
+microseconds, so Python time per layer is what users see. Everything derived from shapes (grid,
+sizes, meta-parameters) is computed once per shape class and cached (:func:`_apply_plan`), and
+kernels are launched through :class:`~._launch.FastLauncher`, which skips triton's per-call
+argument binding once a specialisation is compiled.
 
 Nothing here reads a device value: the grid depends only on ``B``, ``T``, the tensor shapes and the
 number of slots, so the calls never synchronise with the device and can be captured in a CUDA graph
@@ -17,16 +26,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from ._launch import FastLauncher
 from .metadata import LoraBatchMeta
 
 __all__ = [
     "SgmvConfig",
     "launch_config",
     "lora_apply_triton_",
+    "lora_apply_triton_unchecked_",
     "lora_expand_",
     "lora_shrink",
     "triton_available",
@@ -39,6 +50,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # GPU without splitting the reduction over `in` (split-K). 16 = the smallest tl.dot M tile.
 DECODE_MAX_TOKENS_PER_ROW = 15
 
+# The fused kernel keeps a [BLOCK_M, next_pow2(max_rank)] fp32 projection in registers; up to 128
+# that costs at most 32 registers per thread at BLOCK_M=32 and 4 warps. Wider stacks use the halves.
+FUSED_MAX_RANK = 128
+
+Op = Literal["shrink", "expand", "fused"]
+
 
 @dataclass(frozen=True)
 class SgmvConfig:
@@ -46,13 +63,17 @@ class SgmvConfig:
 
     Attributes:
         block_m: tokens per program (>= 16, a power of two: tl.dot's smallest M tile).
-        block_k: shrink only: reduction tile over ``in`` (>= 16 for 16-bit inputs on the GPU).
-        block_n: expand only: tile over ``out``.
-        block_r: rank tile (>= 16, a power of two); rank loops run up to the slot's true rank.
+        block_k: shrink and fused: reduction tile over ``in`` (>= 16 for 16-bit inputs on the GPU).
+        block_n: expand and fused: tile over ``out``.
+        block_r: rank tile (>= 16, a power of two); rank loops run up to the slot's true rank. The
+            fused kernel needs ``block_r >= max_rank``.
         split_k: shrink only: programs sharing one tile's reduction over ``in``; the expand sums
-            the partials. 1 for the expand.
+            the partials. 1 for the expand and the fused kernel.
         num_warps: warps per program.
-        num_stages: software-pipelining depth of the inner loop.
+        num_stages: software-pipelining depth of the inner loops.
+        n_tiles: expand and fused: ``block_n`` tiles of ``out`` per program (programs of one token
+            tile split ``out`` into groups of ``n_tiles * block_n`` columns); 0: all of ``out`` in
+            one program.
     """
 
     block_m: int
@@ -62,6 +83,7 @@ class SgmvConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    n_tiles: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_k", "block_n", "block_r"):
@@ -71,6 +93,8 @@ class SgmvConfig:
         for name in ("block_m", "block_r", "split_k", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.n_tiles < 0:
+            raise ValueError(f"`n_tiles` must be >= 0, got {self.n_tiles}")
 
 
 def _next_pow2(n: int) -> int:
@@ -82,61 +106,67 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def launch_config(
-    op: Literal["shrink", "expand"],
-    decode_like: bool,
-    dtype: torch.dtype,
-    features: int,
-    max_rank: int,
-) -> SgmvConfig:
+def launch_config(op: Op, decode_like: bool, dtype: torch.dtype, features: int, max_rank: int) -> SgmvConfig:
     """THE launch-config table, keyed on shape class, never on the live batch size.
 
     Args:
-        op: which kernel.
+        op: which kernel: ``"fused"`` (what :func:`lora_apply_triton_` runs for stacks up to rank
+            128), or one of the halves ``"shrink"`` / ``"expand"``.
         decode_like: fewer than 16 tokens per row (see ``DECODE_MAX_TOKENS_PER_ROW``).
         dtype: the activations' dtype.
-        features: ``in`` for the shrink (its reduction), ``out`` for the expand (its N).
+        features: ``in`` for the shrink (its reduction), ``out`` for the expand and the fused
+            kernel (the columns they stream).
         max_rank: the slot stacks' rank capacity.
 
-    These are PREDICTIONS for an H200 (132 SMs, ~4.3 TB/s, 50 MB L2), to be checked with
-    ``benchmarks/bench_kernels.py``. Both kernels are memory-bound (rank <= 64 makes the MMAs tiny);
-    what matters is (a) enough programs with enough loads in flight to saturate HBM, (b) reading x
-    and y exactly once, (c) reading each adapter's A/B from HBM once (re-reads hit L2).
-
-    Layer-level predictions (bf16, GPU time, e.g. under a CUDA graph):
-      prefill 16 x 512, 4096 x 4096, r16, 16 adapters: base GEMM ~0.40 ms; LoRA floor 194 MB (x 64 +
-        y 2 x 64 + adapters 4) = 45 us at copy bandwidth; expected ~55-60 us -> overhead ~14%.
-      decode 64 x 1, 4096 x 4096, r16, 64 adapters: base GEMV ~9-10 us (32 MB of weight); LoRA floor
-        16.8 MB (64 x A + B) = 4 us; two dependent launches add ~2 x 2 us of ramp/tail: expected
-        ~6-8 us -> overhead 60-90%: the tightest target. Eager, the host side (~15 us of checks and
-        two Triton launches on a slow CPU) can exceed the GPU time; serve decode under CUDA graphs.
-      encoder 64 x 128, 768 x 768 / 768 x 3072, r8: LoRA floor 38 / 113 MB = 9 / 26 us vs a base GEMM
-        of ~20 / ~60 us: expected overheads ~60% / ~50% (y read + write dominates).
+    Every entry is memory-bound (rank <= 128 makes the MMAs tiny). What matters is (a) few
+    dependent round trips before a program's data loads, (b) enough bytes in flight per SM
+    (~40 KB at 4.3 TB/s and ~1 us loaded latency), (c) reading x and y exactly once, and each
+    adapter's A/B from HBM once (re-reads hit L2). Numbers: H200, bf16, CUDA-graph replay,
+    benchmarks/sweep_kernels.py; see benchmarks/notes_kernels.md.
     """
     block_r = min(128, max(16, _next_pow2(max_rank)))
     wide = dtype == torch.float32  # 4-byte elements: half the tile width for the same bytes/stage
+    if op == "fused":
+        if decode_like:
+            # Decode, 64 rows x 1 token, 64 adapters, 4096 x 4096, r16: per segment the whole A
+            # (128 KiB) must be reduced before any output; 4 column groups of 1024 -> 256
+            # programs (~2 per SM), each reading A from L2 after the first and streaming 32 KiB of B.
+            return SgmvConfig(
+                block_m=16,
+                block_k=128 if wide else 256,
+                block_n=128 if wide else 256,
+                block_r=block_r,
+                split_k=1,
+                num_warps=4,
+                num_stages=3,
+                n_tiles=4,
+            )
+        # Prefill / encoder: one program per 32-token tile streams its x rows (K loop) and then ALL
+        # of its y columns (N loop, next y tile prefetched): x read once, y read + written once,
+        # no intermediate in memory. 16 x 512 tokens -> 256 programs, ~2 per SM.
+        return SgmvConfig(
+            block_m=32,
+            block_k=64 if wide else 128,
+            block_n=64 if wide else 128,
+            block_r=block_r,
+            split_k=1,
+            num_warps=4,
+            num_stages=3,
+            n_tiles=0,
+        )
     if op == "shrink":
         if decode_like:
-            # Decode, 64 rows x 1 token, 64 adapters, in=4096, r16: the work is reading 64 A's
-            # (64 x 128 KiB = 8 MiB). One program per segment = 64 programs, each streaming 128 KiB
-            # serially: latency-bound on half the SMs. Split the `in` reduction so every program
-            # reads ~512 columns: split 8 -> 512 programs (~4 per SM), ~16 KiB of A each.
-            # Predicted ~2-3 us for the 8 MiB (HBM floor ~2 us).
-            split_k = max(1, min(8, features // 512))
+            # Split the `in` reduction so every program reads ~512 columns of one A: 64 adapters x
+            # split 8 -> 512 programs for in=4096.
             return SgmvConfig(
                 block_m=16,
                 block_k=64 if wide else 128,
                 block_n=0,
                 block_r=block_r,
-                split_k=split_k,
+                split_k=max(1, min(8, features // 512)),
                 num_warps=4,
                 num_stages=3,
             )
-        # Prefill, 16 x 512 tokens, in=4096: x is 64 MiB, read once. BLOCK_M=64 -> 128 tiles; split
-        # 2 for in >= 2048 -> 256 programs (2 per SM) so HBM sees enough loads in flight
-        # (4 stages x (64x128 bf16 x-tile + r x 128 A-tile) ~ 80 KiB per program). A (128 KiB at r16)
-        # is re-read per tile from L2: 25% extra L2 traffic at r16, acceptable; BLOCK_M=128 would
-        # halve that but leave 64 tiles (try it on the GPU). Predicted ~17 us (floor ~15 us).
         return SgmvConfig(
             block_m=64,
             block_k=64 if wide else 128,
@@ -148,10 +178,6 @@ def launch_config(
         )
     if op == "expand":
         if decode_like:
-            # Decode: per (segment tile, 256 outputs): B tile r x 256 (8 KiB at r16 bf16) + 1-16
-            # rows of y. 64 segments x 16 N-tiles = 1024 programs for out=4096: plenty. The
-            # 16-row tile is mostly masked rows when rows have distinct adapters; masked rows cost
-            # no memory traffic. Predicted ~2-3 us for 64 B's (8 MiB).
             return SgmvConfig(
                 block_m=16,
                 block_k=0,
@@ -160,10 +186,10 @@ def launch_config(
                 split_k=1,
                 num_warps=4,
                 num_stages=2,
+                n_tiles=1,
             )
-        # Prefill: y (64 MiB bf16 at 8192 x 4096) is read and written once; 64 x 128 tiles ->
-        # 128 x 32 = 4096 programs, 16 KiB of y each: a copy-like kernel, predicted ~80-85% of copy
-        # bandwidth (~35 us). No loop to pipeline (rank <= 128 is one iteration).
+        # 8 tiles of 128 columns per program: the metadata chain is paid once per 128 KiB of y
+        # and the next y tile is always in flight.
         return SgmvConfig(
             block_m=64,
             block_k=0,
@@ -172,8 +198,9 @@ def launch_config(
             split_k=1,
             num_warps=4,
             num_stages=2,
+            n_tiles=8,
         )
-    raise ValueError(f"`op` must be 'shrink' or 'expand', got {op!r}")
+    raise ValueError(f"`op` must be 'shrink', 'expand' or 'fused', got {op!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,6 +229,11 @@ def _require_kernels() -> ModuleType:
     return module
 
 
+_FUSED = FastLauncher(lambda: _require_kernels()._sgmv_fused_kernel)
+_SHRINK = FastLauncher(lambda: _require_kernels()._sgmv_shrink_kernel)
+_EXPAND = FastLauncher(lambda: _require_kernels()._sgmv_expand_kernel)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checks (host attributes only; they never read device memory)
 # ---------------------------------------------------------------------------------------------------
@@ -221,6 +253,8 @@ def _check_meta(meta: LoraBatchMeta, device: torch.device, num_rows: int) -> tor
         raise ValueError(f"`meta` lives on {buffer.device}, but the activations are on {device}")
     if meta.num_rows != num_rows:
         raise ValueError(f"`meta` describes {meta.num_rows} rows, but the batch has {num_rows} rows")
+    if _shape(buffer) != (5, num_rows) or not buffer.is_contiguous() or buffer.dtype != torch.int32:
+        raise ValueError("`meta` has no segment tables: build it with build_batch_meta()")
     return buffer
 
 
@@ -254,15 +288,17 @@ def _check_slots(meta: LoraBatchMeta, slots: int) -> None:
         raise ValueError(f"`meta` uses slot {meta.max_slot}, but the stacks hold only {slots} slots")
 
 
-def _check_shrink(x: torch.Tensor, a_stack: torch.Tensor, ranks: torch.Tensor, meta: LoraBatchMeta) -> None:
+def _check_shrink(x: torch.Tensor, a_stack: torch.Tensor, ranks: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
+    """Checks the shrink's arguments; returns the metadata's device buffer."""
     _check_activation("x", x, "in")
     device = x.device
-    _check_meta(meta, device, x.shape[0])
+    buffer = _check_meta(meta, device, x.shape[0])
     _check_stack("a_stack", a_stack, x.dtype, device, "in")
     if a_stack.shape[2] != x.shape[2]:
         raise ValueError(f"`a_stack` has in={a_stack.shape[2]}, but `x` has in={x.shape[2]}")
     _check_slot_table("ranks", ranks, a_stack.shape[0], torch.int32, device)
     _check_slots(meta, a_stack.shape[0])
+    return buffer
 
 
 def _check_expand(
@@ -271,10 +307,11 @@ def _check_expand(
     ranks: torch.Tensor,
     scales: torch.Tensor,
     meta: LoraBatchMeta,
-) -> None:
+) -> torch.Tensor:
+    """Checks the expand's arguments; returns the metadata's device buffer."""
     _check_activation("y", y, "out")
     device = y.device
-    _check_meta(meta, device, y.shape[0])
+    buffer = _check_meta(meta, device, y.shape[0])
     _check_stack("b_stack", b_stack, y.dtype, device, "out")
     if b_stack.shape[2] != y.shape[2]:
         raise ValueError(f"`b_stack` has out={b_stack.shape[2]}, but `y` has out={y.shape[2]}")
@@ -285,10 +322,11 @@ def _check_expand(
     for size, stride in zip(y.shape, y.stride(), strict=True):
         if stride == 0 and size > 1:
             raise ValueError(f"`y` is updated in place and must not overlap itself, got strides {y.stride()}")
+    return buffer
 
 
 # ---------------------------------------------------------------------------------------------------
-# Launches
+# Plans: everything a launch needs that depends only on shapes, computed once per shape class
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -307,94 +345,218 @@ def _block_s(num_rows: int) -> int:
     return max(16, _next_pow2(num_rows))
 
 
-def _launch_shrink(
-    x: torch.Tensor,
-    a_stack: torch.Tensor,
-    ranks: torch.Tensor,
-    meta: LoraBatchMeta,
-    config: SgmvConfig,
-    out: torch.Tensor | None,
-) -> torch.Tensor:
-    kernels = _require_kernels()
-    num_rows, tokens, in_features = x.shape
-    max_rank = a_stack.shape[1]
+@dataclass(frozen=True, eq=False)
+class _KernelPlan:
+    """One launch: 1-D grid, the integer size arguments, the meta-parameters, (warps, stages)."""
+
+    grid: int
+    sizes: tuple[int, ...]
+    constexprs: dict[str, Any]
+    options: tuple[int, int]
+
+
+def _check_op_config(op: Op, config: SgmvConfig) -> SgmvConfig:
+    needed = {"shrink": ("block_k",), "expand": ("block_n",), "fused": ("block_k", "block_n")}[op]
+    for name in needed:
+        if getattr(config, name) == 0:
+            raise ValueError(f"a {op} config needs `{name}` > 0, got {config}")
+    return config
+
+
+def _config(
+    op: Op, given: SgmvConfig | None, tokens: int, dtype: torch.dtype, features: int, max_rank: int
+) -> SgmvConfig:
+    if given is not None:
+        return _check_op_config(op, given)
+    return launch_config(op, tokens <= DECODE_MAX_TOKENS_PER_ROW, dtype, features, max_rank)
+
+
+def _n_groups(out_features: int, config: SgmvConfig) -> tuple[int, int]:
+    """(columns per program, programs per token tile) for the expand and fused kernels."""
+    if config.n_tiles == 0:
+        return _cdiv(out_features, config.block_n) * config.block_n, 1
+    per_group = config.n_tiles * config.block_n
+    return per_group, _cdiv(out_features, per_group)
+
+
+@functools.lru_cache(maxsize=512)
+def _fused_plan(
+    num_rows: int, tokens: int, in_features: int, out_features: int, slots: int, max_rank: int, config: SgmvConfig
+) -> _KernelPlan:
+    if config.block_r < max_rank:
+        raise ValueError(f"the fused kernel needs `block_r` >= max_rank {max_rank}, got {config}")
+    n_per_group, n_groups = _n_groups(out_features, config)
+    return _KernelPlan(
+        grid=_num_m_tiles(num_rows, tokens, config.block_m, slots) * n_groups,
+        sizes=(num_rows, tokens, in_features, out_features, max_rank, n_per_group, n_groups),
+        constexprs={
+            "BLOCK_M": config.block_m,
+            "BLOCK_K": config.block_k,
+            "BLOCK_N": config.block_n,
+            "BLOCK_R": config.block_r,
+            "BLOCK_S": _block_s(num_rows),
+            "UPCAST_DOT": _require_kernels().INTERPRETING,
+        },
+        options=(config.num_warps, config.num_stages),
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def _shrink_plan(
+    num_rows: int, tokens: int, in_features: int, slots: int, max_rank: int, config: SgmvConfig
+) -> tuple[_KernelPlan, tuple[int, int, int]]:
+    """The shrink's launch and the shape of its fp32 result."""
     # Splits of whole BLOCK_K tiles; drop splits that would start past `in` (small `in`).
     k_per_split = _cdiv(_cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = max(1, _cdiv(in_features, k_per_split))
-    shape = (split_k, num_rows * tokens, max_rank)
-    if out is None:
-        t = torch.empty(shape, dtype=torch.float32, device=x.device)
-    else:
-        if _shape(out) != shape or out.dtype != torch.float32 or out.device != x.device:
-            raise ValueError(
-                f"`out` must be a float32 tensor of shape {shape} on {x.device}, got "
-                f"{out.dtype} {_shape(out)} on {out.device}"
-            )
-        t = out
-    grid = (_num_m_tiles(num_rows, tokens, config.block_m, a_stack.shape[0]), split_k)
-    kernels._sgmv_shrink_kernel[grid](
-        x, a_stack, t, ranks, meta.sorted_rows, meta.segment_slots, meta.segment_starts, meta.segment_counts,
-        num_rows, tokens, in_features, k_per_split, max_rank,
-        *x.stride(),
-        *a_stack.stride(),
-        *t.stride(),
-        BLOCK_M=config.block_m,
-        BLOCK_K=config.block_k,
-        BLOCK_R=config.block_r,
-        BLOCK_S=_block_s(num_rows),
-        UPCAST_DOT=kernels.INTERPRETING,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )  # fmt: skip
-    return t
+    plan = _KernelPlan(
+        grid=_num_m_tiles(num_rows, tokens, config.block_m, slots) * split_k,
+        sizes=(num_rows, tokens, in_features, k_per_split, split_k, max_rank),
+        constexprs={
+            "BLOCK_M": config.block_m,
+            "BLOCK_K": config.block_k,
+            "BLOCK_R": config.block_r,
+            "BLOCK_S": _block_s(num_rows),
+            "UPCAST_DOT": _require_kernels().INTERPRETING,
+        },
+        options=(config.num_warps, config.num_stages),
+    )
+    return plan, (split_k, num_rows * tokens, max_rank)
 
 
-def _launch_expand(
+@functools.lru_cache(maxsize=512)
+def _expand_plan(
+    num_rows: int, tokens: int, out_features: int, slots: int, max_rank: int, split_k: int, config: SgmvConfig
+) -> _KernelPlan:
+    n_per_group, n_groups = _n_groups(out_features, config)
+    return _KernelPlan(
+        grid=_num_m_tiles(num_rows, tokens, config.block_m, slots) * n_groups,
+        sizes=(num_rows, tokens, out_features, max_rank, n_per_group, n_groups),
+        constexprs={
+            "BLOCK_M": config.block_m,
+            "BLOCK_N": config.block_n,
+            "BLOCK_R": config.block_r,
+            "BLOCK_S": _block_s(num_rows),
+            "SPLIT_K": split_k,
+            "ONE_RANK_TILE": max_rank <= config.block_r,
+        },
+        options=(config.num_warps, config.num_stages),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _ApplyPlan:
+    """The whole update: ONE fused launch, or the shrink (into a fresh fp32 ``t``) then the expand."""
+
+    fused: _KernelPlan | None
+    shrink: _KernelPlan | None = None
+    t_shape: tuple[int, int, int] = (0, 0, 0)
+    expand: _KernelPlan | None = None
+
+
+@functools.lru_cache(maxsize=512)
+def _apply_plan(
+    dtype: torch.dtype,
+    num_rows: int,
+    tokens: int,
+    in_features: int,
+    out_features: int,
+    slots: int,
+    max_rank: int,
+    fused_config: SgmvConfig | None,
+    shrink_config: SgmvConfig | None,
+    expand_config: SgmvConfig | None,
+) -> _ApplyPlan | None:
+    """None when there is nothing to launch (an empty dimension)."""
+    if num_rows * tokens == 0 or in_features == 0 or out_features == 0 or max_rank == 0:
+        return None
+    split_requested = shrink_config is not None or expand_config is not None
+    if fused_config is not None and split_requested:
+        raise ValueError("pass either `fused_config` or `shrink_config`/`expand_config`, not both")
+    if fused_config is not None or (not split_requested and max_rank <= FUSED_MAX_RANK):
+        cfg = _config("fused", fused_config, tokens, dtype, out_features, max_rank)
+        return _ApplyPlan(fused=_fused_plan(num_rows, tokens, in_features, out_features, slots, max_rank, cfg))
+    shrink_cfg = _config("shrink", shrink_config, tokens, dtype, in_features, max_rank)
+    expand_cfg = _config("expand", expand_config, tokens, dtype, out_features, max_rank)
+    shrink, t_shape = _shrink_plan(num_rows, tokens, in_features, slots, max_rank, shrink_cfg)
+    expand = _expand_plan(num_rows, tokens, out_features, slots, max_rank, t_shape[0], expand_cfg)
+    return _ApplyPlan(fused=None, shrink=shrink, t_shape=t_shape, expand=expand)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launches (no checks: the public functions check, the layer's fast path is trusted)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _run_shrink(
+    plan: _KernelPlan,
+    x: torch.Tensor,
+    a_stack: torch.Tensor,
+    t: torch.Tensor,
+    ranks: torch.Tensor,
+    buffer: torch.Tensor,
+) -> None:
+    _SHRINK.launch(
+        plan.grid,
+        (x, a_stack, t, ranks, buffer),
+        plan.sizes + x.stride() + a_stack.stride() + t.stride(),
+        plan.constexprs,
+        plan.options,
+    )
+
+
+def _run_expand(
+    plan: _KernelPlan,
     y: torch.Tensor,
     t: torch.Tensor,
     b_stack: torch.Tensor,
     ranks: torch.Tensor,
     scales: torch.Tensor,
-    meta: LoraBatchMeta,
-    config: SgmvConfig,
+    buffer: torch.Tensor,
 ) -> None:
-    kernels = _require_kernels()
-    num_rows, tokens, out_features = y.shape
-    grid = (
-        _num_m_tiles(num_rows, tokens, config.block_m, b_stack.shape[0]),
-        _cdiv(out_features, config.block_n),
+    _EXPAND.launch(
+        plan.grid,
+        (y, t, b_stack, ranks, scales, buffer),
+        plan.sizes + y.stride() + t.stride() + b_stack.stride(),
+        plan.constexprs,
+        plan.options,
     )
-    kernels._sgmv_expand_kernel[grid](
-        y, t, b_stack, ranks, scales,
-        meta.sorted_rows, meta.segment_slots, meta.segment_starts, meta.segment_counts,
-        num_rows, tokens, out_features, b_stack.shape[1],
-        *y.stride(),
-        *t.stride(),
-        *b_stack.stride(),
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_R=config.block_r,
-        BLOCK_S=_block_s(num_rows),
-        SPLIT_K=t.shape[0],
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+
+
+def _apply(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    buffer: torch.Tensor,
+    fused_config: SgmvConfig | None = None,
+    shrink_config: SgmvConfig | None = None,
+    expand_config: SgmvConfig | None = None,
+) -> None:
+    num_rows, tokens, out_features = y.shape
+    slots, max_rank, in_features = a_stack.shape
+    plan = _apply_plan(
+        y.dtype, num_rows, tokens, in_features, out_features, slots, max_rank, fused_config, shrink_config,
+        expand_config,
     )  # fmt: skip
-
-
-def _config(
-    op: Literal["shrink", "expand"],
-    given: SgmvConfig | None,
-    tokens: int,
-    dtype: torch.dtype,
-    features: int,
-    max_rank: int,
-) -> SgmvConfig:
-    if given is not None:
-        needed = "block_k" if op == "shrink" else "block_n"
-        if getattr(given, needed) == 0:
-            raise ValueError(f"a {op} config needs `{needed}` > 0, got {given}")
-        return given
-    return launch_config(op, tokens <= DECODE_MAX_TOKENS_PER_ROW, dtype, features, max_rank)
+    if plan is None:
+        return
+    fused = plan.fused
+    if fused is not None:
+        _FUSED.launch(
+            fused.grid,
+            (y, x, a_stack, b_stack, ranks, scales, buffer),
+            fused.sizes + y.stride() + x.stride() + a_stack.stride() + b_stack.stride(),
+            fused.constexprs,
+            fused.options,
+        )
+        return
+    assert plan.shrink is not None and plan.expand is not None
+    t = torch.empty(plan.t_shape, dtype=torch.float32, device=y.device)
+    _run_shrink(plan.shrink, x, a_stack, t, ranks, buffer)
+    _run_expand(plan.expand, y, t, b_stack, ranks, scales, buffer)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,13 +596,24 @@ def lora_shrink(
     Raises:
         ValueError: a shape, dtype or device does not match (the message names the argument).
     """
-    _check_shrink(x, a_stack, ranks, meta)
-    tokens, in_features = x.shape[1], x.shape[2]
-    max_rank = a_stack.shape[1]
+    buffer = _check_shrink(x, a_stack, ranks, meta)
+    num_rows, tokens, in_features = x.shape
+    slots, max_rank = a_stack.shape[0], a_stack.shape[1]
     cfg = _config("shrink", config, tokens, x.dtype, in_features, max_rank)
     if x.numel() == 0 or max_rank == 0:
-        return torch.zeros((1, x.shape[0] * tokens, max_rank), dtype=torch.float32, device=x.device)
-    return _launch_shrink(x, a_stack, ranks, meta, cfg, out)
+        return torch.zeros((1, num_rows * tokens, max_rank), dtype=torch.float32, device=x.device)
+    plan, shape = _shrink_plan(num_rows, tokens, in_features, slots, max_rank, cfg)
+    if out is None:
+        t = torch.empty(shape, dtype=torch.float32, device=x.device)
+    else:
+        if _shape(out) != shape or out.dtype != torch.float32 or out.device != x.device:
+            raise ValueError(
+                f"`out` must be a float32 tensor of shape {shape} on {x.device}, got "
+                f"{out.dtype} {_shape(out)} on {out.device}"
+            )
+        t = out
+    _run_shrink(plan, x, a_stack, t, ranks, buffer)
+    return t
 
 
 def lora_expand_(
@@ -472,9 +645,9 @@ def lora_expand_(
     Raises:
         ValueError: a shape, dtype or device does not match (the message names the argument).
     """
-    _check_expand(y, b_stack, ranks, scales, meta)
+    buffer = _check_expand(y, b_stack, ranks, scales, meta)
     num_rows, tokens, out_features = y.shape
-    max_rank = b_stack.shape[1]
+    slots, max_rank = b_stack.shape[0], b_stack.shape[1]
     if t.dim() != 3 or t.shape[1] != num_rows * tokens or t.shape[2] != max_rank or t.shape[0] < 1:
         raise ValueError(
             f"`t` must have shape (split_k, {num_rows * tokens}, {max_rank}) (B*T token rows, max_rank), "
@@ -485,7 +658,8 @@ def lora_expand_(
     cfg = _config("expand", config, tokens, y.dtype, out_features, max_rank)
     if not meta.any_lora or y.numel() == 0 or max_rank == 0:
         return
-    _launch_expand(y, t, b_stack, ranks, scales, meta, cfg)
+    plan = _expand_plan(num_rows, tokens, out_features, slots, max_rank, t.shape[0], cfg)
+    _run_expand(plan, y, t, b_stack, ranks, scales, buffer)
 
 
 def lora_apply_triton_(
@@ -497,10 +671,11 @@ def lora_apply_triton_(
     scales: torch.Tensor,  # [slots] float32
     meta: LoraBatchMeta,
     *,
+    fused_config: SgmvConfig | None = None,
     shrink_config: SgmvConfig | None = None,
     expand_config: SgmvConfig | None = None,
 ) -> None:
-    """Add each row's LoRA update into ``y`` with the Triton shrink + expand kernels.
+    """Add each row's LoRA update into ``y`` with the Triton kernels.
 
     Semantics (identical to :func:`lora_apply_reference_`): for each row b with slot s, r = ranks[s]:
         if r > 0: y[b] += scales[s] * (x[b] @ a_stack[s, :r].T) @ b_stack[s, :r]
@@ -515,13 +690,14 @@ def lora_apply_triton_(
         ranks: per-slot rank in this layer (0: the slot does nothing; slot 0 is the base model).
         scales: per-slot LoRA scale.
         meta: the batch's metadata (from :func:`build_batch_meta`).
-        shrink_config: override :func:`launch_config`'s shrink entry (tests, tuning).
-        expand_config: override :func:`launch_config`'s expand entry.
+        fused_config: override :func:`launch_config`'s fused entry (tests, tuning).
+        shrink_config: run the two halves, with this shrink config (tests, tuning).
+        expand_config: run the two halves, with this expand config.
 
     Raises:
         ValueError: a shape, dtype or device does not match (the message names the argument).
     """
-    _check_shrink(x, a_stack, ranks, meta)
+    buffer = _check_shrink(x, a_stack, ranks, meta)
     if y.dim() != 3 or _shape(y)[:2] != _shape(x)[:2]:
         raise ValueError(f"`y` must be [B, T, out] with `x`'s [B, T] {_shape(x)[:2]}, got {_shape(y)}")
     if y.dtype != x.dtype:
@@ -531,11 +707,29 @@ def lora_apply_triton_(
         raise ValueError(
             f"`b_stack` must have `a_stack`'s [slots, max_rank] {_shape(a_stack)[:2]}, got {_shape(b_stack)[:2]}"
         )
-    tokens, in_features = x.shape[1], x.shape[2]
-    max_rank = a_stack.shape[1]
-    if not meta.any_lora or y.numel() == 0 or in_features == 0 or max_rank == 0:
+    if not meta.any_lora:
         return
-    shrink_cfg = _config("shrink", shrink_config, tokens, x.dtype, in_features, max_rank)
-    expand_cfg = _config("expand", expand_config, tokens, y.dtype, y.shape[2], max_rank)
-    t = _launch_shrink(x, a_stack, ranks, meta, shrink_cfg, None)
-    _launch_expand(y, t, b_stack, ranks, scales, meta, expand_cfg)
+    _apply(y, x, a_stack, b_stack, ranks, scales, buffer, fused_config, shrink_config, expand_config)
+
+
+def lora_apply_triton_unchecked_(
+    y: torch.Tensor,  # [B, T, out], updated in place
+    x: torch.Tensor,  # [B, T, in]
+    a_stack: torch.Tensor,  # [slots, max_rank, in]
+    b_stack: torch.Tensor,  # [slots, max_rank, out]
+    ranks: torch.Tensor,  # [slots] int32
+    scales: torch.Tensor,  # [slots] float32
+    meta: LoraBatchMeta,
+) -> None:
+    """:func:`lora_apply_triton_` without its argument checks: for callers that guarantee them.
+
+    Semantics: as :func:`lora_apply_triton_`. The caller guarantees what that function checks:
+    3-D ``y``/``x`` with the same ``[B, T]``, one supported dtype for ``y``, ``x`` and both
+    stacks, ``[slots, max_rank, in|out]`` stacks, int32 ``ranks`` and float32 ``scales`` of
+    ``slots`` entries, everything on one CUDA device, ``meta`` from :func:`build_batch_meta` for
+    ``B`` rows and slots below ``slots``, and a ``y`` that does not overlap itself. A layer checks
+    this once when it is built; per call the check costs more host time than the launch
+    (~10 us of Python on the GPU machine's CPU, against a few microseconds of GPU work at decode).
+    """
+    if meta.any_lora:
+        _apply(y, x, a_stack, b_stack, ranks, scales, meta.device_buffer)  # type: ignore[arg-type]

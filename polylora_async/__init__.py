@@ -8,16 +8,26 @@ from ._errors import (
     AdapterFormatError,
     AdapterLoadError,
     AdapterNotFoundError,
+    BatchFailedError,
     BatchInputError,
     ConfigError,
+    InputValidationError,
+    OverloadedError,
     PolyLoraError,
     PolyLoraWarning,
+    RequestTimeoutError,
+    RuntimeClosedError,
     SlotsFullError,
     TargetModulesError,
     UnsupportedAdapterError,
+    WorkerCrashedError,
 )
+from ._exposition import MetricsServer, metrics_asgi_app, serve_metrics
 from ._layer import MultiLoraLinear
+from ._metrics import RuntimeMetrics
 from ._model import MultiLoraModel
+from ._runtime import Runtime, RuntimeConfig, RuntimeStatistics, StreamResult, default_select_output
+from ._store import AdapterStore, BatchLease, StoreConfig, StoreStatistics
 
 __version__ = "0.1.0"
 
@@ -26,19 +36,38 @@ __all__ = [
     "AdapterFormatError",
     "AdapterLoadError",
     "AdapterNotFoundError",
+    "AdapterStore",
     "AdapterWeights",
+    "BatchFailedError",
     "BatchInputError",
+    "BatchLease",
     "ConfigError",
+    "InputValidationError",
     "LayerLora",
+    "MetricsServer",
     "MultiLoraLinear",
     "MultiLoraModel",
+    "OverloadedError",
     "PolyLoraError",
     "PolyLoraWarning",
     "RawAdapter",
+    "RequestTimeoutError",
+    "Runtime",
+    "RuntimeClosedError",
+    "RuntimeConfig",
+    "RuntimeMetrics",
+    "RuntimeStatistics",
     "SlotsFullError",
+    "StoreConfig",
+    "StoreStatistics",
+    "StreamResult",
     "TargetModulesError",
     "UnsupportedAdapterError",
+    "WorkerCrashedError",
     "WrapConfig",
     "__version__",
+    "default_select_output",
+    "metrics_asgi_app",
     "read_peft_directory",
+    "serve_metrics",
 ]

@@ -25,8 +25,10 @@ class BatchContext:
     """Everything a wrapped layer needs about the current batch, computed once per batch."""
 
     meta: LoraBatchMeta
-    # True inside a region where a model patch can consume per-row outputs for shared inputs.
+    # True inside a region where a model patch can consume per-group outputs for shared inputs.
     expand_shared: bool = False
+    # Set by a layer that answered a shared input per adapter group: row -> group index ([rows]).
+    shared_rows: torch.Tensor | None = None
     # Small per-batch caches for the shared-input path, keyed by host tuples.
     _derived: dict[object, object] = field(default_factory=dict)
 
@@ -41,6 +43,19 @@ class BatchContext:
             assert callable(build)
             self._derived[full_key] = build()
         return self._derived[full_key]
+
+    def index_tensor(self, key: object, values: list[int], device: torch.device) -> torch.Tensor:
+        """A cached int64 device tensor of host values, uploaded without waiting for the device."""
+
+        def build() -> torch.Tensor:
+            host = torch.tensor(values, dtype=torch.long)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            return host.to(device, non_blocking=True)
+
+        value = self.derived(("index", key), device, build)
+        assert isinstance(value, torch.Tensor)
+        return value
 
     def meta_for(self, slots: tuple[int, ...], device: torch.device) -> LoraBatchMeta:
         value = self.derived(("meta", slots), device, lambda: build_batch_meta(slots, device))

@@ -52,3 +52,43 @@ class SlotsFullError(PolyLoraError):
 
 class BatchInputError(PolyLoraError, ValueError):
     """Raised when a batch's inputs are invalid: wrong adapter count, empty batch, bad shapes."""
+
+
+class OverloadedError(PolyLoraError):
+    """Raised by ``submit_nowait`` when the runtime's bounded queue is full (back off and retry)."""
+
+
+class RuntimeClosedError(PolyLoraError):
+    """Raised when a request is made to a runtime that is closing or closed, or was dropped by a
+    cancelling shutdown. You closed it; compare :class:`WorkerCrashedError`."""
+
+
+class WorkerCrashedError(PolyLoraError):
+    """Raised when the runtime's scheduler or GPU worker failed; every pending request gets it and
+    the runtime accepts no more work. It broke; compare :class:`RuntimeClosedError`."""
+
+
+class BatchFailedError(PolyLoraError):
+    """Raised for each request of a batch whose forward pass raised; the cause is chained."""
+
+
+class RequestTimeoutError(PolyLoraError, TimeoutError):
+    """Raised when a request's ``timeout`` passes before its result is ready."""
+
+
+class InputValidationError(BatchInputError):
+    """Raised when a submitted request's inputs are unusable: empty, mismatched lengths, wrong dtype or shape."""
+
+
+class AdapterNotReadyError(PolyLoraError):
+    """Raised when a batch lease names an adapter whose GPU slot write has not been issued yet.
+
+    Await ``AdapterStore.ensure_gpu`` (or use ``AdapterStore.acquire_lease``) before leasing.
+    """
+
+
+class StoreClosedError(PolyLoraError):
+    """Raised when an operation needs an adapter store (or its catalog) that was closed with ``aclose()``.
+
+    Pending loads and resolutions fail with it when the store closes, so no waiter hangs.
+    """

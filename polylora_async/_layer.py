@@ -7,7 +7,7 @@ from torch import nn
 
 from ._adapters import LayerLora
 from ._batch import BatchContext, BatchState, MixedSharedInputError
-from .kernels import lora_apply_
+from .kernels import lora_apply_, lora_apply_trusted_
 
 
 class MultiLoraLinear(nn.Module):
@@ -48,8 +48,8 @@ class MultiLoraLinear(nn.Module):
         # Host copies decide control flow without reading the device; device copies feed kernels.
         self.slot_ranks: list[int] = [0] * num_slots
         self.slot_scales: list[float] = [0.0] * num_slots
-        self._ranks_dev = torch.zeros(num_slots, dtype=torch.int32)
-        self._scales_dev = torch.zeros(num_slots, dtype=torch.float32)
+        self._ranks_dev = torch.zeros(num_slots, dtype=torch.int32, device=weight.device)
+        self._scales_dev = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)
 
     # -- slot management (called by the model wrapper between batches) -------------------------
 
@@ -82,19 +82,30 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         ctx = self._state.current
-        if ctx is None or not ctx.meta.any_lora:
+        if ctx is None:
             return y
-        if x.dim() >= 2 and x.shape[0] == ctx.num_rows:
+        meta = ctx.meta
+        if not meta.any_lora:
+            return y
+        num_rows = meta.num_rows
+        if x.dim() >= 2 and x.shape[0] == num_rows:
+            # Per-row hot path, once per wrapped layer per forward: keep host work minimal. The
+            # arguments are this layer's own buffers and the batch's metadata, valid by construction,
+            # so the kernels' argument checks are skipped (lora_apply_trusted_). A [B, T, H] input
+            # (the usual case) is passed as it is, without new views.
             ranks, scales = self._slot_tables(y.device)
-            lora_apply_(
-                y.view(ctx.num_rows, -1, self.out_features),
-                x.reshape(ctx.num_rows, -1, self.in_features),
-                self.lora_a,
-                self.lora_b,
-                ranks,
-                scales,
-                ctx.meta,
-            )
+            if x.dim() == 3:
+                lora_apply_trusted_(y, x, self.lora_a, self.lora_b, ranks, scales, meta)
+            else:
+                lora_apply_trusted_(
+                    y.view(num_rows, -1, self.out_features),
+                    x.reshape(num_rows, -1, self.in_features),
+                    self.lora_a,
+                    self.lora_b,
+                    ranks,
+                    scales,
+                    meta,
+                )
             return y
         return self._forward_shared(x, y, ctx)
 
@@ -103,8 +114,9 @@ class MultiLoraLinear(nn.Module):
 
         If every row uses the same adapter in this layer, that adapter applies to the shared tensor.
         If rows differ, one tensor cannot hold every row's answer: inside a model patch that
-        understands per-row results (``ctx.expand_shared``) the layer returns a ``[rows, ...]``
-        tensor; anywhere else it raises, and the model re-runs the batch in homogeneous groups.
+        understands per-group results (``ctx.expand_shared``) the layer returns one result per
+        adapter group, ``[groups, ...]``, and sets ``ctx.shared_rows`` (row -> group); anywhere
+        else it raises, and the model re-runs the batch in homogeneous groups.
         """
         effective = tuple(s if self.slot_ranks[s] > 0 else 0 for s in ctx.meta.row_slots_host)
         out_shape = tuple(y.shape[1:])
@@ -126,7 +138,8 @@ class MultiLoraLinear(nn.Module):
             return y
         if not ctx.expand_shared or x.dim() < 2 or x.shape[0] != 1:
             raise MixedSharedInputError(self.layer_name)
-        # Per distinct adapter: base output + its update; then each row picks its adapter's result.
+        # One result per adapter group (group 0: the base output), computed once each; the patch
+        # that asked for this maps rows to groups with `ctx.shared_rows`, in its own layout.
         groups = (0, *distinct)
         per_group = y.expand(len(groups), *out_shape).clone()
         lora_apply_(
@@ -138,13 +151,8 @@ class MultiLoraLinear(nn.Module):
             scales,
             ctx.meta_for(distinct, y.device),
         )
-        index = ctx.derived(
-            ("rows", effective),
-            y.device,
-            lambda: torch.tensor([groups.index(s) for s in effective], dtype=torch.long, device=y.device),
-        )
-        assert isinstance(index, torch.Tensor)
-        return per_group.index_select(0, index)
+        ctx.shared_rows = ctx.index_tensor(("rows", effective), [groups.index(s) for s in effective], y.device)
+        return per_group
 
     def extra_repr(self) -> str:
         return (

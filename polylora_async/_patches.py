@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._batch import BatchState
+from ._batch import BatchContext, BatchState
 
 Patch = Callable[[nn.Module, BatchState], bool]
 
@@ -65,15 +65,17 @@ def _patch_deberta_v2(module: nn.Module, state: BatchState) -> bool:
             return original(*args, **kwargs)  # one adapter for every row: the library's own code
         ctx.expand_shared = True
         try:
-            return _deberta_bias_per_row(self, helpers, *args, **kwargs)
+            return _deberta_bias_per_row(ctx, self, helpers, *args, **kwargs)
         finally:
             ctx.expand_shared = False
+            ctx.shared_rows = None
 
     setattr(module, "disentangled_attention_bias", types.MethodType(disentangled_attention_bias, module))  # noqa: B010
     return True
 
 
 def _deberta_bias_per_row(
+    ctx: BatchContext,
     attn: Any,
     helpers: Any,
     query_layer: torch.Tensor,  # [rows * heads, q_len, head_dim]
@@ -85,8 +87,8 @@ def _deberta_bias_per_row(
     """DeBERTa's content<->position attention bias with per-row position projections.
 
     The same math as the library's method, except that each projection of the position embeddings
-    comes back per row (``[rows, 2 * span, hidden]``) when rows use different adapters, so it is
-    laid out per row rather than tiled from one shared result.
+    comes back once per adapter group when rows use different adapters, and each row takes its
+    group's block instead of a tiled copy of one shared result.
     """
     heads = attn.num_attention_heads
     if relative_pos is None:
@@ -101,13 +103,18 @@ def _deberta_bias_per_row(
     relative_pos = relative_pos.to(device=query_layer.device, dtype=torch.long)
     positions = rel_embeddings[: 2 * span, :].unsqueeze(0)
     rows_x_heads = query_layer.size(0)
+    head_offsets = torch.arange(heads, device=query_layer.device)
 
     def project(layer: nn.Module) -> torch.Tensor:
-        # [rows or 1, 2 * span, hidden] -> [rows * heads, 2 * span, head_dim]
-        per_head = attn.transpose_for_scores(layer(positions), heads)
-        if per_head.size(0) != rows_x_heads:  # every row shares this layer's result
-            per_head = per_head.repeat(rows_x_heads // per_head.size(0), 1, 1)
-        return per_head
+        # -> [rows * heads, 2 * span, head_dim], each row's block projected with its own adapter.
+        ctx.shared_rows = None
+        per_head = attn.transpose_for_scores(layer(positions), heads)  # [(1 or groups) * heads, ...]
+        rows_to_group = ctx.shared_rows
+        if rows_to_group is None:  # every row uses this layer's one result
+            return per_head.repeat(rows_x_heads // per_head.size(0), 1, 1)
+        # Row b's heads are group g's heads: one gather, the same bytes the library's repeat writes.
+        index = (rows_to_group[:, None] * heads + head_offsets[None, :]).reshape(-1)
+        return per_head.index_select(0, index)
 
     pos_key = pos_query = None
     if attn.share_att_key:

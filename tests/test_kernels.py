@@ -38,10 +38,13 @@ from polylora_async.kernels import (  # noqa: E402
     lora_apply_,
     lora_apply_reference_,
     lora_apply_triton_,
+    lora_apply_triton_unchecked_,
+    lora_apply_trusted_,
     lora_expand_,
     lora_shrink,
 )
 from polylora_async.kernels import sgmv as sgmv_module  # noqa: E402
+from polylora_async.kernels._launch import FastLauncher  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
@@ -196,10 +199,24 @@ def assert_matches_reference(
     assert error <= TOLERANCES[dtype], f"relative error {error:.3g} > {TOLERANCES[dtype]:.3g} for {dtype}"
 
 
-def run_and_check(case: Case, dtype: torch.dtype, g: torch.Generator, layout: str = "contiguous", **configs):
+def split_configs(case: Case, dtype: torch.dtype) -> dict[str, SgmvConfig]:
+    """The table's shrink + expand entries: forces the two-kernel path for a case."""
+    decode = case.tokens <= sgmv_module.DECODE_MAX_TOKENS_PER_ROW
+    return {
+        "shrink_config": sgmv_module.launch_config("shrink", decode, dtype, case.in_features, case.max_rank),
+        "expand_config": sgmv_module.launch_config("expand", decode, dtype, case.out_features, case.max_rank),
+    }
+
+
+def run_and_check(
+    case: Case, dtype: torch.dtype, g: torch.Generator, layout: str = "contiguous", path: str = "default", **configs
+):
+    """``path``: "default" (the fused kernel up to rank 128), "split" (the table's two halves)."""
     inp = make_inputs(case, dtype, g, layout)
     y_in = inp.y.clone()
     y_ref = inp.reference_y()
+    if path == "split":
+        configs = {**split_configs(case, dtype), **configs}
     lora_apply_triton_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, inp.meta, **configs)
     assert_matches_reference(inp.y, y_in, y_ref, active_rows(case), dtype)
 
@@ -266,18 +283,20 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("path", ["default", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(name: str, dtype: torch.dtype, gen: torch.Generator) -> None:
-    run_and_check(CASES[name], dtype, gen)
+def test_matches_reference(name: str, dtype: torch.dtype, path: str, gen: torch.Generator) -> None:
+    run_and_check(CASES[name], dtype, gen, path=path)
 
 
+@pytest.mark.parametrize("path", ["default", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["strided", "transposed", "shared-x"])
 @pytest.mark.parametrize("name", ["decode-7rows-mixed-ranks-and-base", "prefill-37-several"])
-def test_strided_activations(name: str, layout: str, dtype: torch.dtype, gen: torch.Generator) -> None:
+def test_strided_activations(name: str, layout: str, dtype: torch.dtype, path: str, gen: torch.Generator) -> None:
     """x and y strided in B and T (and x shared by all rows with stride 0) give the same result."""
-    run_and_check(CASES[name], dtype, gen, layout)
+    run_and_check(CASES[name], dtype, gen, layout, path=path)
 
 
 def _random_case(seed: int) -> tuple[Case, torch.dtype, str]:
@@ -306,20 +325,56 @@ def _random_case(seed: int) -> tuple[Case, torch.dtype, str]:
 @pytest.mark.parametrize("seed", range(24))
 def test_random_sweep(seed: int, gen: torch.Generator) -> None:
     case, dtype, layout = _random_case(seed)
-    run_and_check(case, dtype, gen, layout)
+    run_and_check(case, dtype, gen, layout, path="split" if seed % 3 == 2 else "default")
 
 
-# Small tiles force every loop of both kernels to iterate: 3-way split-K with a masked tail
-# (in=100 -> splits of 48, 48, 4), 4 rank chunks at rank 64, 16-token tiles crossing rows (T=37),
-# 3 output tiles of 32 with a masked tail (out=72).
+# Small tiles force every loop of every kernel to iterate: 3-way split-K with a masked tail
+# (in=100 -> splits of 48, 48, 4), 4 rank chunks at rank 64 (the expand's wide-stack path),
+# 16-token tiles crossing rows (T=37), output tiles of 32 in groups of 2 with a masked tail
+# (out=72 -> groups of 64 and 8 columns).
 SMALL_SHRINK = SgmvConfig(block_m=16, block_k=16, block_n=0, block_r=16, split_k=3, num_warps=4, num_stages=1)
-SMALL_EXPAND = SgmvConfig(block_m=16, block_k=0, block_n=32, block_r=16, split_k=1, num_warps=4, num_stages=1)
+SMALL_EXPAND = SgmvConfig(
+    block_m=16, block_k=0, block_n=32, block_r=16, split_k=1, num_warps=4, num_stages=1, n_tiles=2
+)
+# The fused kernel: 7 K tiles with a masked tail (in=100), column groups of 2 x 16 (out=72 -> 3
+# groups, the last one a single masked tile), rank tile 64 covering the stack.
+SMALL_FUSED = SgmvConfig(
+    block_m=16, block_k=16, block_n=16, block_r=64, split_k=1, num_warps=4, num_stages=1, n_tiles=2
+)
 
 
+@pytest.mark.parametrize("path", ["split", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_small_tiles_exercise_every_loop(dtype: torch.dtype, gen: torch.Generator) -> None:
+def test_small_tiles_exercise_every_loop(dtype: torch.dtype, path: str, gen: torch.Generator) -> None:
     case = Case(rows=(2, 1, 0), ranks=(0, 64, 9), tokens=37, in_features=100, out_features=72, max_rank=64)
-    run_and_check(case, dtype, gen, shrink_config=SMALL_SHRINK, expand_config=SMALL_EXPAND)
+    if path == "split":
+        run_and_check(case, dtype, gen, shrink_config=SMALL_SHRINK, expand_config=SMALL_EXPAND)
+    else:
+        run_and_check(case, dtype, gen, fused_config=SMALL_FUSED)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stack_wider_than_one_rank_tile_uses_the_halves(dtype: torch.dtype, gen: torch.Generator) -> None:
+    """max_rank 130 > 128: the default plan is shrink + expand, with the expand's rank loop."""
+    case = Case(rows=(1, 2, 0, 1), ranks=(0, 130, 7), tokens=3, in_features=40, out_features=40, max_rank=130)
+    plan = sgmv_module._apply_plan(dtype, 4, 3, 40, 40, 3, 130, None, None, None)
+    assert plan is not None and plan.fused is None and plan.expand is not None
+    assert plan.expand.constexprs["ONE_RANK_TILE"] is False
+    run_and_check(case, dtype, gen)
+
+
+def test_plan_choice_and_config_errors() -> None:
+    fused = sgmv_module._apply_plan(torch.bfloat16, 64, 1, 4096, 4096, 65, 16, None, None, None)
+    assert fused is not None and fused.fused is not None and fused.shrink is None
+    assert sgmv_module._apply_plan(torch.bfloat16, 4, 1, 0, 16, 3, 8, None, None, None) is None
+    with pytest.raises(ValueError, match="either `fused_config` or"):
+        sgmv_module._apply_plan(torch.float32, 4, 1, 16, 16, 3, 8, SMALL_FUSED, SMALL_SHRINK, None)
+    narrow = SgmvConfig(block_m=16, block_k=16, block_n=16, block_r=16, split_k=1, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="needs `block_r` >= max_rank 64"):
+        sgmv_module._apply_plan(torch.float32, 4, 1, 16, 16, 3, 64, narrow, None, None)
+    no_n = SgmvConfig(block_m=16, block_k=16, block_n=0, block_r=16, split_k=1, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="a fused config needs `block_n` > 0"):
+        sgmv_module._apply_plan(torch.float32, 4, 1, 16, 16, 3, 8, no_n, None, None)
 
 
 def test_more_rows_than_one_scan_block(gen: torch.Generator) -> None:
@@ -526,6 +581,8 @@ def test_expand_checks_t(gen: torch.Generator) -> None:
 
 
 def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="`n_tiles` must be >= 0, got -1"):
+        SgmvConfig(block_m=16, block_k=16, block_n=16, block_r=16, split_k=1, num_warps=4, num_stages=1, n_tiles=-1)
     with pytest.raises(ValueError, match="`block_m` must be 0 \\(unused\\) or a power of two >= 16, got 8"):
         SgmvConfig(block_m=8, block_k=16, block_n=0, block_r=16, split_k=1, num_warps=4, num_stages=1)
     with pytest.raises(ValueError, match="`split_k` must be >= 1, got 0"):
@@ -543,17 +600,19 @@ class _RecordingKernel:
         return lambda *args, **kwargs: None
 
 
+@pytest.mark.parametrize("path", ["default", "split"])
 def test_launch_reads_no_device_values_and_grid_ignores_slots(
-    monkeypatch: pytest.MonkeyPatch, gen: torch.Generator
+    monkeypatch: pytest.MonkeyPatch, gen: torch.Generator, path: str
 ) -> None:
     """The host path never reads a device value, and its grid depends on the batch shape only."""
     module = sgmv_module._require_kernels()
-    shrink, expand = _RecordingKernel(), _RecordingKernel()
-    monkeypatch.setattr(module, "_sgmv_shrink_kernel", shrink)
-    monkeypatch.setattr(module, "_sgmv_expand_kernel", expand)
+    recorders = {name: _RecordingKernel() for name in ("fused", "shrink", "expand")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(module, f"_sgmv_{name}_kernel", recorder)
     case = CASES["prefill-37-all-distinct"]
     inp = make_inputs(case, torch.bfloat16, gen)
     metas = [inp.meta, build_batch_meta([1] * 7, DEVICE), build_batch_meta([3, 0, 3, 2, 0, 0, 7], DEVICE)]
+    configs = split_configs(case, torch.bfloat16) if path == "split" else {}
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the host path read a device value (device -> host sync)")
@@ -562,11 +621,16 @@ def test_launch_reads_no_device_values_and_grid_ignores_slots(
         for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
             patch.setattr(torch.Tensor, name, forbidden)
         for meta in metas:
-            lora_apply_triton_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
-    assert len(shrink.grids) == len(expand.grids) == 3
-    for grids in (shrink.grids, expand.grids):
+            lora_apply_triton_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta, **configs)
+            lora_apply_triton_unchecked_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
+    launched = ["shrink", "expand"] if path == "split" else ["fused"]
+    for name, recorder in recorders.items():
+        # The unchecked entry always takes the default (fused) plan: 3 launches of it either way.
+        expected = 3 * (name in launched) + 3 * (name == "fused")
+        assert len(recorder.grids) == expected, name
+        grids = recorder.grids
         assert all(isinstance(v, int) for grid in grids for v in grid)
-        assert grids[0] == grids[1] == grids[2], "the grid must not depend on which slot each row uses"
+        assert len(set(grids)) <= 1, "the grid must not depend on which slot each row uses"
 
 
 def test_grid_bound_covers_every_tile() -> None:
@@ -586,6 +650,11 @@ def test_launch_config_is_keyed_on_shape_class() -> None:
     assert sgmv_module.launch_config("expand", True, torch.bfloat16, 4096, 64).block_r == 64
     assert sgmv_module.launch_config("expand", True, torch.bfloat16, 4096, 1).block_r == 16
     assert sgmv_module.launch_config("shrink", True, torch.bfloat16, 4096, 16) is decode  # cached
+    for decode_like in (True, False):
+        fused = sgmv_module.launch_config("fused", decode_like, torch.bfloat16, 4096, 64)
+        assert fused.block_k > 0 and fused.block_n > 0 and fused.block_r == 64 and fused.split_k == 1
+    with pytest.raises(ValueError, match="`op` must be"):
+        sgmv_module.launch_config("gather", True, torch.bfloat16, 4096, 16)  # type: ignore[arg-type]
 
 
 def test_dispatch(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:
@@ -634,3 +703,167 @@ def test_import_without_triton_falls_back_to_reference() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trusted entry points (what MultiLoraLinear calls)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["decode-7rows-mixed-ranks-and-base", "prefill-37-several", "all-base-rows"])
+def test_unchecked_entry_matches_the_checked_one(name: str, gen: torch.Generator) -> None:
+    """Same kernels, same plan: bit-identical results."""
+    inp = make_inputs(CASES[name], torch.float16, gen)
+    y_checked = inp.y.clone()
+    lora_apply_triton_(y_checked, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, inp.meta)
+    lora_apply_triton_unchecked_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, inp.meta)
+    assert torch.equal(inp.y, y_checked)
+
+
+def test_trusted_dispatch_falls_back_to_the_checked_entry(
+    monkeypatch: pytest.MonkeyPatch, gen: torch.Generator
+) -> None:
+    """Off CUDA (and on dtype mismatches) lora_apply_trusted_ is lora_apply_, checks included."""
+    calls: list[str] = []
+    monkeypatch.setattr(kernels, "lora_apply_triton_unchecked_", lambda *a: calls.append("unchecked"))
+    inp = make_inputs(CASES["decode-3rows-distinct"], torch.float32, gen)
+    args = (inp.y.cpu(), inp.x.cpu(), inp.a_ref.cpu(), inp.b_ref.cpu(), inp.ranks.cpu(), inp.scales.cpu(),
+            build_batch_meta((1, 2, 3), "cpu"))  # fmt: skip
+    monkeypatch.delenv("POLYLORA_KERNELS", raising=False)
+    y_ref = args[0].clone()
+    lora_apply_(y_ref, *args[1:])
+    lora_apply_trusted_(*args)
+    assert torch.equal(args[0], y_ref) and calls == []
+    with pytest.raises(ValueError, match="`y` must have `x`'s dtype"):
+        monkeypatch.setenv("POLYLORA_KERNELS", "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        lora_apply_trusted_(args[0].half(), *args[1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# FastLauncher: the cached launch path, with stand-ins for tensors and triton's objects
+# ---------------------------------------------------------------------------------------------------
+
+
+class _FakeTensor:
+    is_cuda = True
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+class _FakeCompiled:
+    function = "cu-function"
+    packed_metadata = ("packed",)
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[object, ...]] = []
+
+    def run(self, *args: object) -> None:
+        self.runs.append(args)
+
+
+class _FakeJit:
+    """A @triton.jit stand-in: two pointers, two ints, two constexprs; counts the slow launches."""
+
+    arg_names = ("p0", "p1", "n0", "n1", "BLOCK", "FLAG")
+
+    def __init__(self) -> None:
+        self.slow: list[tuple[object, ...]] = []
+        self.compiled: list[_FakeCompiled] = []
+
+    def __getitem__(self, grid: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        def run(*args: object, **kwargs: object) -> _FakeCompiled:
+            self.slow.append((grid, args, kwargs))
+            self.compiled.append(_FakeCompiled())
+            return self.compiled[-1]
+
+        return run
+
+
+class _Knobs:
+    launch_enter_hook: object = None
+    launch_exit_hook: object = None
+
+
+def _launcher(kernel: _FakeJit, enabled: bool = True) -> FastLauncher:
+    launcher = FastLauncher(lambda: kernel, enabled=enabled)
+    launcher._stream_of = lambda device: 1000 + device
+    launcher._device_getter = lambda: 3
+    return launcher
+
+
+def test_fast_launcher_caches_a_specialisation_and_launches_it_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = _FakeJit()
+    launcher = _launcher(kernel)
+    monkeypatch.setattr("polylora_async.kernels._launch._runtime_knobs", lambda: _Knobs())
+    tensors = (_FakeTensor(4096), _FakeTensor(8192))
+    constexprs = {"BLOCK": 16, "FLAG": False}
+    launcher.launch(7, tensors, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    assert len(kernel.slow) == 1
+    grid, args, kwargs = kernel.slow[0]
+    assert grid == (7,) and args == (*tensors, 5, 64)
+    assert kwargs == {"BLOCK": 16, "FLAG": False, "num_warps": 4, "num_stages": 2}
+    launcher.launch(9, (_FakeTensor(16), _FakeTensor(32)), (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    assert len(kernel.slow) == 1, "the second call must not go through kernel[grid]"
+    (run,) = kernel.compiled[0].runs
+    # grid, stream of the current device, function, packed metadata, no launch metadata or hooks,
+    # then the pointers as integers, the ints, the constexprs in signature order.
+    assert run == (9, 1, 1, 1003, "cu-function", ("packed",), None, None, None, 16, 32, 5, 64, 16, False)
+    # Another integer value (another specialisation) or other options compile again.
+    launcher.launch(9, tensors, (6, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    launcher.launch(9, tensors, (5, 64), constexprs, (8, 2))  # type: ignore[arg-type]
+    launcher.launch(9, tensors, (5, 64), {"BLOCK": 32, "FLAG": False}, (4, 2))  # type: ignore[arg-type]
+    assert len(kernel.slow) == 4
+
+
+def test_fast_launcher_leaves_unusual_calls_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    knobs = _Knobs()
+    monkeypatch.setattr("polylora_async.kernels._launch._runtime_knobs", lambda: knobs)
+    constexprs = {"BLOCK": 16, "FLAG": False}
+    aligned = (_FakeTensor(4096), _FakeTensor(8192))
+    # A pointer that is not 16-byte aligned: triton must specialise it itself, every time.
+    kernel = _FakeJit()
+    launcher = _launcher(kernel)
+    for _ in range(2):
+        launcher.launch(1, (_FakeTensor(4096), _FakeTensor(8194)), (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    assert len(kernel.slow) == 2
+    # Disabled (POLYLORA_FAST_LAUNCH=0).
+    kernel = _FakeJit()
+    launcher = _launcher(kernel, enabled=False)
+    for _ in range(2):
+        launcher.launch(1, aligned, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    assert len(kernel.slow) == 2
+    # A launch hook (a profiler) must see every launch.
+    kernel = _FakeJit()
+    launcher = _launcher(kernel)
+    knobs.launch_enter_hook = print
+    for _ in range(2):
+        launcher.launch(1, aligned, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    assert len(kernel.slow) == 2
+    knobs.launch_enter_hook = None
+    # Constexprs that are not the trailing parameters in this order cannot be appended blindly.
+    kernel = _FakeJit()
+    launcher = _launcher(kernel)
+    for _ in range(2):
+        launcher.launch(1, aligned, (5, 64), {"FLAG": False, "BLOCK": 16}, (4, 2))  # type: ignore[arg-type]
+    assert len(kernel.slow) == 2
+    # A swapped kernel object (a test's monkeypatch) is never served from the old one's cache.
+    first, second = _FakeJit(), _FakeJit()
+    current = [first]
+    launcher = FastLauncher(lambda: current[0], enabled=True)
+    launcher._stream_of, launcher._device_getter = (lambda device: 0), (lambda: 0)
+    launcher.launch(1, aligned, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    current[0] = second
+    launcher.launch(1, aligned, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    assert len(first.slow) == len(second.slow) == 1
+
+
+def test_fast_launch_env_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLYLORA_FAST_LAUNCH", "0")
+    assert not FastLauncher(lambda: None)._enabled
+    monkeypatch.delenv("POLYLORA_FAST_LAUNCH")
+    assert FastLauncher(lambda: None)._enabled

@@ -23,6 +23,7 @@ from polylora_async.kernels import (
     lora_apply_,
     lora_apply_reference_,
     lora_apply_triton_,
+    lora_apply_trusted_,
     lora_expand_,
     lora_shrink,
 )
@@ -162,12 +163,34 @@ def assert_matches_reference(
     assert error <= TOLERANCES[dtype], f"relative error {error:.3g} > {TOLERANCES[dtype]:.3g} for {dtype}"
 
 
-def run_and_check(case: Case, dtype: torch.dtype, g: torch.Generator, layout: str = "contiguous", **configs):
+def split_configs(case: Case, dtype: torch.dtype) -> dict[str, SgmvConfig]:
+    """The table's shrink + expand entries: forces the two-kernel path for a case."""
+    decode = case.tokens <= sgmv_module.DECODE_MAX_TOKENS_PER_ROW
+    return {
+        "shrink_config": sgmv_module.launch_config("shrink", decode, dtype, case.in_features, case.max_rank),
+        "expand_config": sgmv_module.launch_config("expand", decode, dtype, case.out_features, case.max_rank),
+    }
+
+
+def run_and_check(
+    case: Case, dtype: torch.dtype, g: torch.Generator, layout: str = "contiguous", path: str = "default", **configs
+):
+    """``path``: "default" (checked entry, fused up to rank 128), "split" (the table's halves),
+    "trusted" (lora_apply_trusted_, twice: the second call takes the cached launch)."""
     inp = make_inputs(case, dtype, g, layout)
     y_in = inp.y.clone()
     y_ref = reference_y(inp, y_in, case.rows)
     meta = build_batch_meta(case.rows, DEVICE)
-    lora_apply_triton_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta, **configs)
+    if path == "trusted":
+        y_first = inp.y.clone()
+        lora_apply_trusted_(y_first, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
+        lora_apply_trusted_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
+        torch.cuda.synchronize()
+        assert torch.equal(y_first, inp.y), "the cached launch must compute the same bits"
+    else:
+        if path == "split":
+            configs = {**split_configs(case, dtype), **configs}
+        lora_apply_triton_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta, **configs)
     torch.cuda.synchronize()
     assert_matches_reference(inp.y, y_in, y_ref, case.rows, case.ranks, dtype)
 
@@ -192,28 +215,113 @@ CASES = {
     "decode-64rows-4096": Case(tuple(1 + i % 16 for i in range(64)), (0, *[16] * 16), 1, 4096, 4096, 16),
     "prefill-5rows-300-odd": Case((3, 1, 0, 2, 3), (0, 8, 64, 16), 300, 1000, 1030, 64),
     "encoder-64x128-768x3072": Case(tuple(1 + i % 16 for i in range(64)), (0, *[8] * 16), 128, 768, 3072, 8),
+    "encoder-64x128-3072x768": Case(tuple(1 + i % 16 for i in range(64)), (0, *[8] * 16), 128, 3072, 768, 8),
+    # Wider than one rank tile: the default plan is shrink + expand with the expand's rank loop.
+    "wide-stack-r130": Case((1, 2, 0, 1), (0, 130, 7), 37, 300, 260, 130),
 }
 
 
+@pytest.mark.parametrize("path", ["default", "split", "trusted"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(name: str, dtype: torch.dtype, gen: torch.Generator) -> None:
-    run_and_check(CASES[name], dtype, gen)
+def test_matches_reference(name: str, dtype: torch.dtype, path: str, gen: torch.Generator) -> None:
+    run_and_check(CASES[name], dtype, gen, path=path)
 
 
+@pytest.mark.parametrize("path", ["default", "split", "trusted"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
 @pytest.mark.parametrize("name", ["decode-7rows-mixed-ranks-and-base", "prefill-37-several", "prefill-5rows-300-odd"])
-def test_strided_activations(name: str, layout: str, dtype: torch.dtype, gen: torch.Generator) -> None:
-    run_and_check(CASES[name], dtype, gen, layout)
+def test_strided_activations(name: str, layout: str, dtype: torch.dtype, path: str, gen: torch.Generator) -> None:
+    run_and_check(CASES[name], dtype, gen, layout, path=path)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_small_tiles_exercise_every_loop(dtype: torch.dtype, gen: torch.Generator) -> None:
     shrink = SgmvConfig(block_m=16, block_k=16, block_n=0, block_r=16, split_k=3, num_warps=4, num_stages=2)
-    expand = SgmvConfig(block_m=16, block_k=0, block_n=32, block_r=16, split_k=1, num_warps=4, num_stages=2)
+    expand = SgmvConfig(block_m=16, block_k=0, block_n=32, block_r=16, split_k=1, num_warps=4, num_stages=2, n_tiles=2)
+    fused = SgmvConfig(block_m=16, block_k=16, block_n=16, block_r=64, split_k=1, num_warps=4, num_stages=2, n_tiles=2)
     case = Case((2, 1, 0), (0, 64, 9), 37, 100, 72, 64)
     run_and_check(case, dtype, gen, shrink_config=shrink, expand_config=expand)
+    run_and_check(case, dtype, gen, fused_config=fused)
+
+
+@pytest.mark.parametrize("name", ["decode-7rows-mixed-ranks-and-base", "prefill-5rows-300-odd"])
+def test_unaligned_activations_take_triton_specialisation(name: str, gen: torch.Generator) -> None:
+    """x and y views 2 bytes into their buffers (not 16-byte aligned): the cached launch must not
+    reuse the aligned specialisation."""
+    case, dtype = CASES[name], torch.bfloat16
+    inp = make_inputs(case, dtype, gen)
+    b, t, k = inp.x.shape
+    n = inp.y.shape[2]
+    x_big = torch.empty(b * t * k + 1, dtype=dtype, device=DEVICE)
+    y_big = torch.empty(b * t * n + 1, dtype=dtype, device=DEVICE)
+    x = x_big[1:].view(b, t, k)
+    y = y_big[1:].view(b, t, n)
+    assert x.data_ptr() % 16 and y.data_ptr() % 16
+    x.copy_(inp.x)
+    meta = build_batch_meta(case.rows, DEVICE)
+    for _ in range(2):  # aligned first (compiles + caches), then unaligned, twice
+        y_al = inp.y.clone()
+        lora_apply_trusted_(y_al, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
+        y.copy_(inp.y)
+        lora_apply_trusted_(y, x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
+        torch.cuda.synchronize()
+        assert torch.equal(y, y_al)
+    assert_matches_reference(y, inp.y, reference_y(inp, inp.y, case.rows), case.rows, case.ranks, dtype)
+
+
+def test_trusted_entry_runs_on_the_current_stream(gen: torch.Generator) -> None:
+    """The cached launch is queued on the caller's current stream, after that stream's work."""
+    case, dtype = CASES["prefill-5rows-300-odd"], torch.bfloat16
+    inp = make_inputs(case, dtype, gen)
+    meta = build_batch_meta(case.rows, DEVICE)
+    y_ref = reference_y(inp, inp.y, case.rows)
+    lora_apply_trusted_(inp.y.clone(), inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)  # compile
+    side = torch.cuda.Stream()
+    y = torch.empty_like(inp.y)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000)  # ~1 ms: a launch on the wrong stream would read y first
+        y.copy_(inp.y)
+        lora_apply_trusted_(y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
+    side.synchronize()
+    assert_matches_reference(y, inp.y, y_ref, case.rows, case.ranks, dtype)
+
+
+@pytest.mark.parametrize("x_dims", [3, 2])
+def test_multi_lora_linear_forward(x_dims: int, gen: torch.Generator) -> None:
+    """The layer's per-row fast path (lora_apply_trusted_, x passed as it is) against the reference."""
+    from polylora_async._adapters import LayerLora
+    from polylora_async._batch import BatchContext, BatchState
+    from polylora_async._layer import MultiLoraLinear
+
+    dtype, rows, tokens, hidden, out_f, max_rank = torch.bfloat16, 6, 5 if x_dims == 3 else 1, 96, 80, 16
+    ranks_host = (0, 16, 8, 4)
+    linear = torch.nn.Linear(hidden, out_f, bias=True, device=DEVICE, dtype=dtype)
+    state = BatchState()
+    layer = MultiLoraLinear(linear, "test", len(ranks_host), max_rank, state)
+    for slot, r in enumerate(ranks_host[1:], start=1):
+        a = (_randn(gen, r, hidden) / hidden**0.5).to(dtype)
+        b = (_randn(gen, out_f, r) / r**0.5).to(dtype)
+        layer.write_slot(slot, LayerLora(a=a, b=b, scale=0.5 * slot))
+    row_slots = (1, 0, 2, 3, 1, 2)
+    state.current = BatchContext(build_batch_meta(row_slots, DEVICE))
+    x = _randn(gen, rows, tokens, hidden).to(dtype)
+    if x_dims == 2:
+        x = x[:, 0]
+    with torch.inference_mode():
+        for _ in range(2):  # the second call takes the cached launch
+            y = layer(x)
+        y_base = linear(x)
+    torch.cuda.synchronize()
+    y3, y_base3 = y.view(rows, tokens, out_f), y_base.view(rows, tokens, out_f)
+    ref = y_base3.double()
+    lora_apply_reference_(
+        ref, x.reshape(rows, tokens, hidden).double(), layer.lora_a.double(), layer.lora_b.double(),
+        layer._ranks_dev, layer._scales_dev, build_batch_meta(row_slots, DEVICE),
+    )  # fmt: skip
+    assert_matches_reference(y3, y_base3, ref, row_slots, ranks_host, dtype)
 
 
 def test_shrink_then_expand(gen: torch.Generator) -> None:
@@ -285,10 +393,16 @@ def test_mixed_batch_rows_equal_their_solo_runs(gen: torch.Generator) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tokens", [1, 37])
-def test_cuda_graph_replay_with_refilled_metadata(tokens: int, gen: torch.Generator) -> None:
-    dtype, num_rows, in_f, out_f, max_rank = torch.bfloat16, 8, 256, 200, 16
-    ranks_host = (0, 16, 8, 1, 16, 0, 4, 16, 12)
+@pytest.mark.parametrize(
+    ("tokens", "entry", "max_rank"),
+    [(1, "checked", 16), (37, "checked", 16), (1, "trusted", 16), (37, "trusted", 16), (5, "trusted", 130)],
+    ids=["decode-checked", "prefill-checked", "decode-trusted", "prefill-trusted", "split-r130-trusted"],
+)
+def test_cuda_graph_replay_with_refilled_metadata(tokens: int, entry: str, max_rank: int, gen: torch.Generator) -> None:
+    dtype, num_rows, in_f, out_f = torch.bfloat16, 8, 256, 200
+    apply = lora_apply_ if entry == "checked" else lora_apply_trusted_
+    wide = min(max_rank, 130)  # slot 1's rank: past one rank tile for the r130 stack
+    ranks_host = (0, wide, 8, 1, 16, 0, 4, 16, 12)
     base_case = Case((1,) * num_rows, ranks_host, tokens, in_f, out_f, max_rank)
     inp = make_inputs(base_case, dtype, gen)
     y_base = inp.y.clone()  # static: the "base layer output" the graph starts from
@@ -299,7 +413,7 @@ def test_cuda_graph_replay_with_refilled_metadata(tokens: int, gen: torch.Genera
 
     def step() -> None:
         y.copy_(y_base)
-        lora_apply_(y, x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
+        apply(y, x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -328,10 +442,10 @@ def test_cuda_graph_replay_with_refilled_metadata(tokens: int, gen: torch.Genera
         assert_matches_reference(y, y_base, y_ref, rows, ranks_host, dtype)
 
     # A per-layer rank table refilled in place (an adapter loaded into slot 5) is seen too.
-    ranks_host2 = (0, 16, 8, 1, 16, 16, 4, 16, 12)
+    ranks_host2 = (0, wide, 8, 1, 16, 16, 4, 16, 12)
     inp.ranks.copy_(torch.tensor(ranks_host2, dtype=torch.int32))
-    inp.a_ref[5] = _randn(gen, max_rank, in_f).to(dtype) / in_f**0.5
-    inp.b_ref[5] = (_randn(gen, max_rank, out_f) / 4).to(dtype)
+    inp.a_ref[5, :16] = _randn(gen, 16, in_f).to(dtype) / in_f**0.5
+    inp.b_ref[5, :16] = (_randn(gen, 16, out_f) / 4).to(dtype)
     inp.a_kernel[5].copy_(inp.a_ref[5])
     inp.b_kernel[5].copy_(inp.b_ref[5])
     rows = (5, 5, 0, 1, 5, 2, 3, 4)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One pass on a CUDA machine: GPU tests, kernel and model benchmarks; logs and JSON under $OUT.
+# Usage: OUT=/some/dir bash benchmarks/gpu_pass.sh [steps...]
+#   (steps: tests kernels sweep model store runtime demo; ktests: the kernel GPU tests only, in parallel
+#    processes when pytest-xdist is there; ksweep: the kernel config sweep + host cost, old code included;
+#    modelfast: bench_model.py without --peft)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+[ -e polylora_async/kernels ] || ln -s ../kernels polylora_async/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+steps=${*:-tests kernels model}
+{ date -u; git rev-parse --short HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv;
+  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"; } | tee "$OUT/env.txt"
+for step in $steps; do
+    echo "=== $step"
+    case $step in
+        tests)   timeout 300 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+        kernels) timeout 240 python3 benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
+        sweep)   timeout 300 python3 benchmarks/sweep_kernels.py --case prefill --case decode --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -60 ;;
+        ktests)  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+                 timeout 240 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider -x $xdist 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+        ksweep)  timeout 240 python3 benchmarks/sweep_kernels.py --case decode --case prefill --case encoder-768x3072-a16 --case encoder-3072x768-a16 --host --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -80 ;;
+        modelfast) timeout 240 python3 benchmarks/bench_model.py --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -8 ;;
+        model)   timeout 300 python3 benchmarks/bench_model.py --peft --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -8 ;;
+        store)   timeout 200 python3 benchmarks/bench_cold_load.py --json "$OUT/cold_load.json" 2>&1 | tee "$OUT/cold_load.log" | tail -20 ;;
+        runtime) timeout 300 python3 benchmarks/bench_runtime.py --json "$OUT/runtime.json" 2>&1 | tee "$OUT/runtime.log" | tail -25 ;;
+        demo)    timeout 200 python3 -m polylora_async demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
+    esac
+done

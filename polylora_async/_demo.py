@@ -1,0 +1,267 @@
+"""The demo: many concurrent clients, a skewed adapter mix, every result checked against PEFT.
+
+``python -m polylora_async demo`` builds a small Llama-style model from a config (or loads a local
+Hugging Face model directory), writes PEFT adapters to disk with PEFT itself, serves them through
+the runtime to concurrent clients with a Zipf-skewed adapter mix, checks every result against a
+solo PEFT run of the same row, and serves ``/metrics`` while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._config import BASE_ADAPTER, WrapConfig
+from ._exposition import serve_metrics
+from ._model import MultiLoraModel
+from ._runtime import Runtime, RuntimeConfig
+from ._store import StoreConfig
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Tolerance of a runtime row against the solo PEFT row, relative to the row's norm. fp32: only
+# summation order differs. bf16/fp16: PEFT rounds the LoRA path to 16 bits after each matmul while
+# the runtime accumulates it in fp32, so a few bf16 ulps (2^-8 = 0.4%) of difference are expected.
+REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class _Done:
+    adapter: str
+    ids: torch.Tensor
+    output: torch.Tensor
+    latency: float
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, help="a local Hugging Face model directory (default: built from a config)"
+    )
+    parser.add_argument("--adapters", type=int, default=24, help="PEFT adapters to write and serve")
+    parser.add_argument("--clients", type=int, default=48, help="concurrent client coroutines")
+    parser.add_argument("--requests", type=int, default=600, help="requests in total")
+    parser.add_argument("--slots", type=int, default=8, help="adapters resident on the device at once")
+    parser.add_argument("--zipf", type=float, default=1.1, help="skew of the adapter mix (Zipf exponent)")
+    parser.add_argument("--base-share", type=float, default=0.1, help="share of requests without an adapter")
+    parser.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (the GPU when present)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="port for /metrics on 127.0.0.1 (0: any free)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(_demo(args))
+
+
+def _build_model(args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import AutoModel, LlamaConfig, LlamaModel
+
+    if args.model is not None:
+        return AutoModel.from_pretrained(str(args.model), local_files_only=True).eval()
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )
+    return LlamaModel(config).eval()
+
+
+def _write_adapters(base: torch.nn.Module, count: int, root: Path, seed: int) -> tuple[Any, dict[str, Path], list[str]]:
+    """Write ``count`` adapters with PEFT (mixed ranks and targets); return the oracle PeftModel too."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [n for n in LLAMA_TARGETS if any(name.endswith("." + n) for name, _ in base.named_modules())]
+    if not targets:
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})[:4]
+    rng = random.Random(seed)
+    peft_model = None
+    names = []
+    for i in range(count):
+        rank = rng.choice([4, 8, 16])
+        chosen = targets if i % 3 == 0 else rng.sample(targets, k=max(1, len(targets) // 2))
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=chosen, init_lora_weights=False)
+        name = f"adapter-{i:03d}"
+        torch.manual_seed(seed * 1000 + i)
+        if peft_model is None:
+            peft_model = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+        names.append(name)
+    assert peft_model is not None
+    peft_model.save_pretrained(str(root))  # one sub-folder per adapter
+    paths = {n: root / n for n in names}
+    return peft_model.eval(), paths, targets
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    base = _build_model(args)
+    with tempfile.TemporaryDirectory(prefix="polylora-demo-") as tmp:
+        oracle, paths, targets = _write_adapters(base, args.adapters, Path(tmp) / "adapters", args.seed)
+        oracle.to(device=device, dtype=dtype)
+        max_rank = 16
+        model = MultiLoraModel(
+            copy.deepcopy(base).to(device=device, dtype=dtype),
+            WrapConfig(targets, max_rank=max_rank, num_slots=args.slots),
+        )
+        vocab = int(getattr(base.config, "vocab_size", 512))
+        print(
+            f"polylora-async demo: {type(base).__name__} on {device} ({dtype}), {len(model.layer_names)} wrapped "
+            f"layers, {args.adapters} PEFT adapters in {paths[next(iter(paths))].parent}, {args.slots} slots"
+        )
+        runtime = Runtime(
+            model,
+            RuntimeConfig(max_batch_size=32, max_wait=0.002),
+            store_config=StoreConfig(cpu_bytes=_cpu_budget(paths), disk_dir=Path(tmp) / "cache"),
+        )
+        done: list[_Done] = []
+        async with runtime, await serve_metrics(runtime.metrics.registry, port=args.metrics_port) as server:
+            print(f"serving Prometheus metrics at {server.url}")
+            for name, path in paths.items():
+                runtime.register_adapter(name, path)
+            t0 = time.perf_counter()
+            progress = asyncio.ensure_future(_progress(done, args.requests, t0))
+            await _clients(runtime, args, list(paths), vocab, done)
+            elapsed = time.perf_counter() - t0
+            progress.cancel()
+            stats = runtime.statistics()
+        mismatches = _verify(oracle, done, device, dtype)
+    _summary(args, done, elapsed, stats, mismatches, time.perf_counter() - started)
+    return 1 if mismatches else 0
+
+
+def _cpu_budget(paths: dict[str, Path]) -> int:
+    """Room for about half the catalog in the CPU tier, so the demo shows all three tiers working."""
+    sizes = [(p / "adapter_model.safetensors").stat().st_size for p in paths.values()]
+    return max(sizes) * max(2, len(sizes) // 2)
+
+
+async def _clients(runtime: Runtime, args: argparse.Namespace, names: list[str], vocab: int, done: list[_Done]) -> None:
+    rng = random.Random(args.seed)
+    weights = [1.0 / (rank + 1) ** args.zipf for rank in range(len(names))]
+    plan = []
+    for _ in range(args.requests):
+        adapter = BASE_ADAPTER if rng.random() < args.base_share else rng.choices(names, weights)[0]
+        length = rng.randint(4, 48)
+        plan.append(
+            (adapter, torch.randint(1, vocab, (length,), generator=torch.Generator().manual_seed(rng.randrange(2**31))))
+        )
+    queue: asyncio.Queue[tuple[str, torch.Tensor]] = asyncio.Queue()
+    for item in plan:
+        queue.put_nowait(item)
+
+    async def client() -> None:
+        while not queue.empty():
+            adapter, ids = queue.get_nowait()
+            t = time.perf_counter()
+            output = await runtime.submit({"input_ids": ids}, adapter)
+            done.append(_Done(adapter, ids, output, time.perf_counter() - t))
+
+    await asyncio.gather(*(client() for _ in range(args.clients)))
+
+
+async def _progress(done: list[_Done], total: int, t0: float) -> None:
+    while True:
+        await asyncio.sleep(0.5)
+        rate = len(done) / max(time.perf_counter() - t0, 1e-9)
+        print(f"\r  {len(done):5d}/{total} requests  {rate:7.1f} req/s", end="", file=sys.stderr, flush=True)
+
+
+def _verify(oracle: Any, done: list[_Done], device: torch.device, dtype: torch.dtype) -> int:
+    """Every row against the same row run alone through PEFT with its adapter."""
+    print(file=sys.stderr)
+    tol = REL_TOL[dtype]
+    bad = 0
+    with torch.inference_mode():
+        for item in sorted(done, key=lambda d: d.adapter):
+            ids = item.ids.to(device).unsqueeze(0)
+            if item.adapter == BASE_ADAPTER:
+                with oracle.disable_adapter():
+                    expected = oracle(input_ids=ids).last_hidden_state[0]
+            else:
+                oracle.set_adapter(item.adapter)
+                expected = oracle(input_ids=ids).last_hidden_state[0]
+            got = item.output.to(device=device, dtype=torch.float32)
+            error = (got - expected.float()).norm() / expected.float().norm()
+            if not bool(error <= tol):
+                bad += 1
+                if bad <= 5:
+                    print(f"MISMATCH {item.adapter}: relative error {float(error):.2e} > {tol:.0e}")
+    return bad
+
+
+def _summary(
+    args: argparse.Namespace, done: list[_Done], elapsed: float, stats: Any, mismatches: int, total: float
+) -> None:
+    latencies = sorted(d.latency * 1e3 for d in done)
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
+
+    print(
+        f"requests     {len(done)} in {elapsed:.2f} s = {len(done) / elapsed:.1f} req/s "
+        f"({args.clients} clients, Zipf s={args.zipf})"
+    )
+    print(
+        f"latency ms   p50 {pct(50):.1f}  p90 {pct(90):.1f}  p99 {pct(99):.1f}  max {latencies[-1]:.1f}"
+        f"  (mean {statistics.fmean(latencies):.1f})"
+    )
+    print(
+        f"batches      {stats.batches}, {stats.rows / max(stats.batches, 1):.1f} rows each, "
+        f"{stats.mixed_batches} mixed, up to {stats.max_adapters_in_batch} adapters in one; "
+        f"padding {100 * (1 - stats.real_tokens / max(stats.padded_tokens, 1)):.0f}% of tokens"
+    )
+    for line in _tier_lines(stats.store):
+        print(line)
+    verdict = "all verified" if not mismatches else f"{mismatches} MISMATCHED"
+    print(f"results      {len(done)} checked against solo PEFT runs: {verdict}; demo took {total:.1f} s")
+
+
+def _tier_lines(store_stats: Any) -> list[str]:
+    lines = []
+    for tier in ("gpu", "cpu", "disk"):
+        hits = _tier_value(store_stats, tier, "hits")
+        misses = _tier_value(store_stats, tier, "misses")
+        if hits is None or misses is None:
+            continue
+        rate = 100.0 * hits / max(hits + misses, 1)
+        lines.append(f"tier {tier:4s}    hits {hits:5d}  misses {misses:5d}  hit rate {rate:5.1f}%")
+    return lines
+
+
+def _tier_value(store_stats: Any, tier: str, what: str) -> int | None:
+    for candidate in (f"{tier}_{what}", f"{what}_{tier}"):
+        value = getattr(store_stats, candidate, None)
+        if isinstance(value, int):
+            return value
+    per_tier = (
+        getattr(store_stats, tier, None) or getattr(store_stats, "tiers", {}).get(tier)
+        if hasattr(store_stats, "tiers")
+        else getattr(store_stats, tier, None)
+    )
+    value = getattr(per_tier, what, None)
+    return value if isinstance(value, int) else None
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

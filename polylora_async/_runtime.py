@@ -1,0 +1,818 @@
+"""The async runtime: ``await runtime.submit(inputs, adapter)`` from any number of coroutines.
+
+Data path of one request::
+
+    submit() -> validate inputs, resolve the adapter (unknown id: error now) -> queue
+    scheduler (event loop) -> look-ahead prefetch -> mixed-adapter batch of GPU-ready adapters
+    GPU worker (one thread) -> collate with right padding -> forward -> slice each row -> futures
+
+The event loop never blocks: file reads happen in the store's worker threads, the forward pass
+and every device synchronisation happen in the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import inspect
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ._config import BASE_ADAPTER
+from ._errors import (
+    BatchFailedError,
+    ConfigError,
+    InputValidationError,
+    OverloadedError,
+    RequestTimeoutError,
+    RuntimeClosedError,
+    WorkerCrashedError,
+)
+from ._metrics import RuntimeMetrics
+from ._model import MultiLoraModel
+from ._store import AdapterRef, AdapterStore, StoreConfig
+
+OutputSelector = Callable[[Any], torch.Tensor]
+
+
+def default_select_output(outputs: Any) -> torch.Tensor:
+    """``last_hidden_state`` if the model returns one, else ``logits``, else the output tensor."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    for name in ("last_hidden_state", "logits"):
+        value = getattr(outputs, name, None)
+        if value is None and isinstance(outputs, Mapping):
+            value = outputs.get(name)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(f"cannot pick a tensor from a {type(outputs).__name__}; pass `select_output`")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the runtime batches and bounds work.
+
+    Args:
+        max_batch_size: rows per batch.
+        max_batch_tokens: padded tokens per batch (rows x longest row).
+        max_wait: seconds the oldest queued request may wait for its batch to fill.
+        max_queue: requests waiting at most; ``submit`` then waits for room, ``submit_nowait``
+            raises :class:`OverloadedError` (backpressure).
+        starvation_limit: batches that may pass over a request (its adapter is cold or rare)
+            before the scheduler waits for that adapter instead of forming other batches.
+        length_bucketing: batch requests of similar length together (lengths within a factor of
+            two of the oldest request's) to waste less compute on padding.
+        lookahead: queued requests whose adapters are prefetched ahead of batch formation.
+        max_inflight_batches: batches handed to the worker at once (2: one runs while the next
+            batch's adapter copies and input uploads proceed).
+        pad_values: padding value per input name (default 0).
+        attention_mask: add an ``attention_mask`` input when requests carry none; ``None``
+            means "if the model's forward accepts one".
+        results_on_cpu: copy each row's result to CPU memory (in the worker thread).
+        shutdown: what ``aclose()`` does with queued requests: ``"drain"`` serves them,
+            ``"cancel"`` fails them with :class:`RuntimeClosedError`.
+        prefetch: load adapters for queued requests in the background while other batches run.
+            ``False`` loads an adapter only when its request is the oldest one waiting, holding
+            back batch formation meanwhile (what a server without a prefetcher does; kept for
+            comparison in benchmarks).
+    """
+
+    max_batch_size: int = 32
+    max_batch_tokens: int = 16384
+    max_wait: float = 0.002
+    max_queue: int = 4096
+    starvation_limit: int = 8
+    length_bucketing: bool = False
+    lookahead: int = 256
+    max_inflight_batches: int = 2
+    pad_values: Mapping[str, int | float] = field(default_factory=dict)
+    attention_mask: bool | None = None
+    results_on_cpu: bool = True
+    shutdown: Literal["drain", "cancel"] = "drain"
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "lookahead", "max_inflight_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}")
+        if not isinstance(self.starvation_limit, int) or self.starvation_limit < 0:
+            raise ConfigError(f"`starvation_limit` must be an integer >= 0, got {self.starvation_limit!r}")
+        if not isinstance(self.max_wait, (int, float)) or not 0 <= self.max_wait < math.inf:
+            raise ConfigError(f"`max_wait` must be a finite number of seconds >= 0, got {self.max_wait!r}")
+        if self.shutdown not in ("drain", "cancel"):
+            raise ConfigError(f"`shutdown` must be 'drain' or 'cancel', got {self.shutdown!r}")
+
+
+@dataclass(frozen=True)
+class RuntimeStatistics:
+    """A snapshot of what the runtime has done (see :meth:`Runtime.statistics`)."""
+
+    submitted: int
+    completed: int
+    failed: int
+    cancelled: int
+    timed_out: int
+    rejected: int
+    queued: int
+    batches: int
+    mixed_batches: int
+    max_adapters_in_batch: int
+    rows: int
+    padded_tokens: int
+    real_tokens: int
+    split_batches: int
+    store: Any
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One completed request of :meth:`Runtime.stream`: ``error`` is set when it failed."""
+
+    key: Any
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: int
+    inputs: dict[str, torch.Tensor]
+    length: int
+    ref: AdapterRef | None  # None: base model
+    future: asyncio.Future[Any]
+    submitted: float
+    passed_over: int = 0
+
+    @property
+    def key(self) -> object:
+        return None if self.ref is None else self.ref.key
+
+
+@dataclass
+class _Batch:
+    requests: list[_Request]
+    slots: list[int]
+    width: int
+
+
+class Runtime:
+    """Serves many LoRA adapters over one model to any number of coroutines.
+
+    Example::
+
+        async with Runtime(model) as rt:
+            rt.register_adapter("support", "/adapters/support")
+            hidden = await rt.submit({"input_ids": ids}, "support")
+
+    Args:
+        model: the wrapped model (its slots become the GPU tier).
+        config: batching and queue bounds.
+        registry: a ``prometheus_client.CollectorRegistry`` for the runtime's metrics (default:
+            a fresh one, see :attr:`metrics`).
+        store_config: adapter tier bounds (CPU bytes, disk cache, ...).
+        select_output: picks the per-row tensor from the model's output (default
+            :func:`default_select_output`); each row gets its slice, cut to its own length.
+    """
+
+    def __init__(
+        self,
+        model: MultiLoraModel,
+        config: RuntimeConfig | None = None,
+        registry: Any = None,
+        *,
+        store_config: StoreConfig | None = None,
+        select_output: OutputSelector | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or RuntimeConfig()
+        self.metrics = RuntimeMetrics(registry)
+        self.store = AdapterStore(model, config=store_config or StoreConfig(), metrics=self.metrics)
+        self._select = select_output or default_select_output
+        self._add_mask = self.config.attention_mask
+        if self._add_mask is None:
+            params = inspect.signature(model.model.forward).parameters
+            self._add_mask = "attention_mask" in params
+        self._schema: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
+        self._pending: dict[int, _Request] = {}
+        self._seq = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._room: asyncio.Condition | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._watchers: dict[object, asyncio.Task[None]] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._scheduler_task: asyncio.Task[None] | None = None
+        self._state: Literal["new", "running", "closing", "closed", "crashed"] = "new"
+        self._crash: BaseException | None = None
+        self._stats = dict.fromkeys(
+            (
+                "submitted",
+                "completed",
+                "failed",
+                "cancelled",
+                "timed_out",
+                "rejected",
+                "batches",
+                "mixed_batches",
+                "max_adapters_in_batch",
+                "rows",
+                "padded_tokens",
+                "real_tokens",
+            ),
+            0,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the scheduler and the worker thread (``async with`` does this)."""
+        if self._state != "new":
+            raise RuntimeClosedError(f"the runtime cannot start: it is {self._state}")
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Condition()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="polylora-gpu")
+        self._state = "running"
+        self._scheduler_task = self._loop.create_task(self._scheduler(), name="polylora-scheduler")
+
+    async def aclose(self, *, shutdown: Literal["drain", "cancel"] | None = None) -> None:
+        """Stop taking requests, then drain or cancel the queue; every pending request resolves.
+
+        Args:
+            shutdown: overrides :attr:`RuntimeConfig.shutdown` for this call.
+        """
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            await self.store.aclose()
+            return
+        mode = shutdown or self.config.shutdown
+        if self._state == "running":
+            self._state = "closing"
+        if mode == "cancel":
+            self._fail_pending(lambda: RuntimeClosedError("the runtime closed before this request ran"))
+        self._wake()
+        if self._scheduler_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._scheduler_task)
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        for watcher in self._watchers.values():
+            watcher.cancel()
+        self._fail_pending(lambda: RuntimeClosedError("the runtime closed before this request ran"))
+        if self._state != "crashed":
+            self._state = "closed"
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        await self.store.aclose()
+
+    # -- adapters ---------------------------------------------------------------------------------
+
+    def register_adapter(self, adapter_id: str, source: Any, *, peft_adapter_name: str | None = None) -> None:
+        """Make an adapter servable (a PEFT directory, a PeftModel, or a (state_dict, config) tuple).
+
+        Registering an id again replaces it: requests already submitted finish on the old version.
+        """
+        self.store.register(adapter_id, source, peft_adapter_name=peft_adapter_name)
+
+    def unregister_adapter(self, adapter_id: str) -> None:
+        self.store.unregister(adapter_id)
+
+    def prefetch(self, adapter_ids: Iterable[str]) -> None:
+        """Start loading adapters towards the GPU tier before requests for them arrive."""
+        asyncio.get_running_loop().create_task(self._prefetch_ids(list(adapter_ids)))
+
+    async def _prefetch_ids(self, adapter_ids: list[str]) -> None:
+        refs = []
+        for adapter_id in adapter_ids:
+            with contextlib.suppress(Exception):
+                refs.append(await self.store.resolve(adapter_id))
+        self.store.prefetch(refs)
+        for ref in refs:
+            self.store.release_ref(ref)
+
+    # -- submitting ---------------------------------------------------------------------------------
+
+    async def submit(
+        self, inputs: Mapping[str, torch.Tensor], adapter: str = BASE_ADAPTER, *, timeout: float | None = None
+    ) -> Any:
+        """Run one row through the model with ``adapter`` and return its output.
+
+        Args:
+            inputs: per-request tensors of the request's own length along dim 0 (e.g.
+                ``{"input_ids": LongTensor[L]}``); the runtime pads and batches.
+            adapter: an adapter id, or :data:`BASE_ADAPTER`.
+            timeout: seconds until :class:`RequestTimeoutError`; the request is withdrawn.
+
+        Raises:
+            AdapterNotFoundError: unknown adapter id (raised before queueing).
+            InputValidationError: empty inputs, mismatched lengths, wrong dtype or shape.
+            RuntimeClosedError: the runtime is closing or closed.
+            WorkerCrashedError: the runtime broke.
+            BatchFailedError: the batch holding this request failed; the cause is chained.
+            AdapterLoadError: the adapter could not be loaded.
+        """
+        request = await self._enqueue(inputs, adapter, wait_for_room=True)
+        return await self._await_result(request, timeout)
+
+    def submit_nowait(self, inputs: Mapping[str, torch.Tensor], adapter: str = BASE_ADAPTER) -> asyncio.Future[Any]:
+        """Queue a request without waiting for room; returns a future of its result.
+
+        The adapter must already be registered (it is resolved without awaiting a resolver).
+
+        Raises:
+            OverloadedError: the queue holds ``max_queue`` requests.
+        """
+        self._check_open()
+        if len(self._pending) >= self.config.max_queue:
+            self._stats["rejected"] += 1
+            self.metrics.request_done("rejected", 0.0)
+            raise OverloadedError(f"the queue is full ({self.config.max_queue} requests); retry later")
+        tensors, length = self._validate(inputs)
+        ref = None if adapter == BASE_ADAPTER else self.store.resolve_nowait(adapter)
+        return self._push(tensors, length, ref).future
+
+    async def stream(
+        self, requests: Iterable[tuple[Any, Mapping[str, torch.Tensor], str]] | AsyncIterator[Any]
+    ) -> AsyncIterator[StreamResult]:
+        """Submit ``(key, inputs, adapter)`` items and yield their results as they complete.
+
+        Submission follows the queue's backpressure; a failed request yields a result whose
+        ``error`` is set instead of ending the stream.
+        """
+        done: asyncio.Queue[StreamResult | None] = asyncio.Queue()
+        outstanding = 0
+
+        async def run_one(key: Any, inputs: Mapping[str, torch.Tensor], adapter: str) -> None:
+            try:
+                await done.put(StreamResult(key, value=await self.submit(inputs, adapter)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await done.put(StreamResult(key, error=exc))
+
+        async def feed() -> None:
+            nonlocal outstanding
+            if isinstance(requests, AsyncIterator):
+                async for key, inputs, adapter in requests:
+                    outstanding += 1
+                    tasks.add(asyncio.ensure_future(run_one(key, inputs, adapter)))
+            else:
+                for key, inputs, adapter in requests:
+                    outstanding += 1
+                    tasks.add(asyncio.ensure_future(run_one(key, inputs, adapter)))
+            await done.put(None)
+
+        tasks: set[asyncio.Future[None]] = set()
+        feeder = asyncio.ensure_future(feed())
+        fed_all = False
+        try:
+            while not fed_all or outstanding:
+                item = await done.get()
+                if item is None:
+                    fed_all = True
+                    continue
+                outstanding -= 1
+                yield item
+        finally:
+            feeder.cancel()
+            for task in tasks:
+                task.cancel()
+
+    def statistics(self) -> RuntimeStatistics:
+        """A frozen snapshot of counters (requests, batches, mixing, padding, tiers)."""
+        return RuntimeStatistics(
+            **self._stats,
+            queued=len(self._pending),
+            split_batches=self.model.split_batches,
+            store=self.store.statistics(),
+        )
+
+    # -- request plumbing -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state == "crashed":
+            raise WorkerCrashedError("the runtime's worker failed; no more requests are accepted") from self._crash
+        if self._state != "running":
+            raise RuntimeClosedError(f"the runtime is {self._state}; no more requests are accepted")
+
+    async def _enqueue(self, inputs: Mapping[str, torch.Tensor], adapter: str, *, wait_for_room: bool) -> _Request:
+        self._check_open()
+        tensors, length = self._validate(inputs)
+        if adapter == BASE_ADAPTER:
+            ref = None
+        else:
+            if not isinstance(adapter, str) or not adapter:
+                raise InputValidationError(f"`adapter` must be a non-empty string, got {adapter!r}")
+            ref = await self.store.resolve(adapter)
+        assert self._room is not None
+        if len(self._pending) >= self.config.max_queue:
+            async with self._room:
+                await self._room.wait_for(
+                    lambda: len(self._pending) < self.config.max_queue or self._state != "running"
+                )
+        try:
+            self._check_open()
+        except BaseException:
+            if ref is not None:
+                self.store.release_ref(ref)
+            raise
+        return self._push(tensors, length, ref)
+
+    def _push(self, tensors: dict[str, torch.Tensor], length: int, ref: AdapterRef | None) -> _Request:
+        assert self._loop is not None
+        request = _Request(
+            seq=next(self._seq),
+            inputs=tensors,
+            length=length,
+            ref=ref,
+            future=self._loop.create_future(),
+            submitted=time.perf_counter(),
+        )
+        self._pending[request.seq] = request
+        self._stats["submitted"] += 1
+        self.metrics.set_queue_depth(len(self._pending))
+        request.future.add_done_callback(functools.partial(self._on_done, request))
+        self._wake()
+        return request
+
+    async def _await_result(self, request: _Request, timeout: float | None) -> Any:
+        try:
+            if timeout is None:
+                return await asyncio.shield(request.future)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await asyncio.shield(request.future)
+            except TimeoutError:
+                if not request.future.done():
+                    self._stats["timed_out"] += 1
+                    request.future.set_exception(RequestTimeoutError(f"no result within {timeout} s"))
+                    request.future.exception()  # retrieved here: the caller gets the raise below
+                raise RequestTimeoutError(f"request timed out after {timeout} s") from None
+        except asyncio.CancelledError:
+            # The caller went away: withdraw the request if it is still queued; a running batch's
+            # result for it is simply discarded.
+            if not request.future.done():
+                self._stats["cancelled"] += 1
+                request.future.cancel()
+            raise
+
+    def _on_done(self, request: _Request, _future: asyncio.Future[Any]) -> None:
+        self._finished(request)
+
+    def _finished(self, request: _Request) -> None:
+        """Bookkeeping when a request's future resolves, however it resolves."""
+        self._pending.pop(request.seq, None)
+        if request.ref is not None:
+            self.store.release_ref(request.ref)
+        elapsed = time.perf_counter() - request.submitted
+        if request.future.cancelled():
+            outcome = "cancelled"
+        elif isinstance(request.future.exception(), RequestTimeoutError):
+            outcome = "timeout"
+        elif request.future.exception() is not None:
+            outcome = "error"
+            self._stats["failed"] += 1
+        else:
+            outcome = "ok"
+            self._stats["completed"] += 1
+        self.metrics.request_done(outcome, elapsed)
+        self.metrics.set_queue_depth(len(self._pending))
+        if self._room is not None and self._loop is not None:
+            self._loop.create_task(self._notify_room())
+
+    async def _notify_room(self) -> None:
+        assert self._room is not None
+        async with self._room:
+            self._room.notify_all()
+
+    def _validate(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        if not isinstance(inputs, Mapping) or not inputs:
+            raise InputValidationError("`inputs` must be a non-empty mapping of name -> tensor")
+        tensors: dict[str, torch.Tensor] = {}
+        length = None
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor):
+                raise InputValidationError(f"input {name!r} must be a tensor, got {type(value).__name__}")
+            if value.dim() == 0:
+                raise InputValidationError(f"input {name!r} must have a length dimension, got a scalar")
+            if length is None:
+                length = value.shape[0]
+            elif value.shape[0] != length:
+                raise InputValidationError(
+                    f"input {name!r} has length {value.shape[0]}, but other inputs have length {length}"
+                )
+            if name == "input_ids" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+                raise InputValidationError(f"input 'input_ids' must be an integer tensor, got {value.dtype}")
+            tensors[name] = value
+        assert length is not None
+        if length == 0:
+            raise InputValidationError("inputs are empty (length 0)")
+        if length > self.config.max_batch_tokens:
+            raise InputValidationError(
+                f"inputs have length {length}, above `max_batch_tokens`={self.config.max_batch_tokens}"
+            )
+        schema = {n: (t.dtype, tuple(t.shape[1:])) for n, t in tensors.items()}
+        if self._schema is None:
+            self._schema = schema
+        elif schema != self._schema:
+            for name in sorted(self._schema.keys() | schema.keys()):
+                want, got = self._schema.get(name), schema.get(name)
+                if want != got:
+                    raise InputValidationError(
+                        f"input {name!r} is {_describe(got)}, but this runtime's requests have {_describe(want)}"
+                    )
+        return tensors, length
+
+    def _fail_pending(self, make_error: Callable[[], BaseException]) -> None:
+        for request in list(self._pending.values()):
+            if not request.future.done():
+                request.future.set_exception(make_error())
+        self._pending.clear()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    # -- scheduling -------------------------------------------------------------------------------
+
+    async def _scheduler(self) -> None:
+        assert self._wakeup is not None
+        try:
+            while True:
+                if not self._pending and self._state != "running":
+                    return
+                if not self._pending:
+                    await self._wait_wakeup(None)
+                    continue
+                if self.config.prefetch:
+                    self._watch_lookahead()
+                else:
+                    await self._load_oldest_inline()
+                if len(self._inflight) >= self.config.max_inflight_batches:
+                    await self._wait_wakeup(None)
+                    continue
+                oldest = next(iter(self._pending.values()))
+                deadline = oldest.submitted + self.config.max_wait
+                now = time.perf_counter()
+                if self._state == "running" and now < deadline and not self._queue_can_fill():
+                    await self._wait_wakeup(deadline - now)
+                    continue
+                batch = self._form_batch()
+                if batch is None:
+                    await self._wait_wakeup(None)
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+                self._inflight.add(task)
+                task.add_done_callback(self._batch_finished)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._crashed(exc)
+
+    def _batch_finished(self, task: asyncio.Task[None]) -> None:
+        # Wake the scheduler only once the batch has left the in-flight set, so it sees the room.
+        self._inflight.discard(task)
+        self._wake()
+
+    async def _wait_wakeup(self, timeout: float | None) -> None:
+        assert self._wakeup is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wakeup.wait()
+        self._wakeup.clear()
+
+    def _queue_can_fill(self) -> bool:
+        return len(self._pending) >= self.config.max_batch_size
+
+    def _ready(self, request: _Request) -> bool:
+        return request.ref is None or self.store.is_gpu_ready(request.ref)
+
+    def _watch_lookahead(self) -> None:
+        """Prefetch for the queue's head, and wake the scheduler when an adapter becomes ready."""
+        refs: dict[object, AdapterRef] = {}
+        for request in itertools.islice(self._pending.values(), self.config.lookahead):
+            if request.ref is not None and request.key not in refs:
+                refs[request.key] = request.ref
+        self.store.set_demand(self._demand())
+        if refs:
+            self.store.prefetch(list(refs.values()))
+        slots = self.model.config.num_slots
+        for key, ref in itertools.islice(refs.items(), slots):
+            if key not in self._watchers and not self.store.is_gpu_ready(ref):
+                task = asyncio.get_running_loop().create_task(self._watch(ref))
+                self._watchers[key] = task
+
+    async def _load_oldest_inline(self) -> None:
+        oldest = next(iter(self._pending.values()))
+        if oldest.ref is None or self.store.is_gpu_ready(oldest.ref):
+            return
+        try:
+            await self.store.ensure_gpu(oldest.ref)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail_key(oldest.ref.key, exc)
+
+    def _fail_key(self, key: object, exc: BaseException) -> None:
+        for request in list(self._pending.values()):
+            if request.key == key and not request.future.done():
+                request.future.set_exception(exc)
+
+    def _demand(self) -> dict[object, int]:
+        demand: dict[object, int] = {}
+        for request in self._pending.values():
+            if request.ref is not None:
+                demand[request.key] = demand.get(request.key, 0) + 1
+        return demand
+
+    async def _watch(self, ref: AdapterRef) -> None:
+        try:
+            await self.store.ensure_gpu(ref)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A failed load fails only the requests for that adapter version, with the cause.
+            self._fail_key(ref.key, exc)
+        finally:
+            self._watchers.pop(ref.key, None)
+            self._wake()
+
+    def _form_batch(self) -> _Batch | None:
+        """Oldest first: ready requests, bounded by rows, padded tokens and distinct adapters."""
+        cfg = self.config
+        oldest = next(iter(self._pending.values()))
+        if oldest.passed_over >= cfg.starvation_limit and not self._ready(oldest):
+            return None  # wait for the starving request's adapter rather than pass it over again
+        slots_free = self.model.config.num_slots
+        chosen: list[_Request] = []
+        keys: dict[object, AdapterRef] = {}
+        width = 0
+        anchor = None
+        skipped: list[_Request] = []
+        for request in self._pending.values():
+            if len(chosen) >= cfg.max_batch_size:
+                break
+            if request.future.done():
+                continue
+            if not self._ready(request) or (
+                request.key is not None and request.key not in keys and len(keys) >= slots_free
+            ):
+                skipped.append(request)
+                continue
+            if cfg.length_bucketing:
+                anchor = anchor or request.length
+                if not anchor / 2 < request.length <= anchor * 2:
+                    continue
+            new_width = max(width, request.length)
+            if new_width * (len(chosen) + 1) > cfg.max_batch_tokens:
+                continue
+            chosen.append(request)
+            width = new_width
+            if request.ref is not None:
+                keys.setdefault(request.key, request.ref)
+        if not chosen:
+            return None
+        lease = self.store.lease(list(keys.values()))
+        last = chosen[-1].seq
+        for request in skipped:
+            if request.seq < last:
+                request.passed_over += 1
+        for request in chosen:
+            del self._pending[request.seq]
+        slots = [0 if r.ref is None else lease.slot_of(r.ref) for r in chosen]
+        batch = _Batch(requests=chosen, slots=slots, width=width)
+        batch.lease = lease  # type: ignore[attr-defined]
+        self.metrics.set_queue_depth(len(self._pending))
+        return batch
+
+    async def _run_batch(self, batch: _Batch) -> None:
+        assert self._loop is not None and self._executor is not None
+        lease = batch.lease  # type: ignore[attr-defined]
+        distinct = len(set(batch.slots))
+        self._stats["batches"] += 1
+        self._stats["mixed_batches"] += distinct > 1
+        self._stats["max_adapters_in_batch"] = max(self._stats["max_adapters_in_batch"], distinct)
+        self._stats["rows"] += len(batch.requests)
+        self._stats["padded_tokens"] += batch.width * len(batch.requests)
+        self._stats["real_tokens"] += sum(r.length for r in batch.requests)
+        self.metrics.batch(len(batch.requests), batch.width * len(batch.requests), distinct)
+        started = time.perf_counter()
+        done_event = None
+        try:
+            outcome, payload, done_event = await self._loop.run_in_executor(self._executor, self._execute, batch, lease)
+        except BaseException as exc:  # the worker machinery itself failed
+            lease.release(None)
+            self._crashed(exc)
+            for request in batch.requests:
+                if not request.future.done():
+                    request.future.set_exception(_crash_error(exc))
+            return
+        lease.release(done_event)
+        self.metrics.batch_duration(time.perf_counter() - started)
+        if outcome == "ok":
+            for request, row in zip(batch.requests, payload, strict=True):
+                if not request.future.done():  # a cancelled caller's result is discarded
+                    request.future.set_result(row)
+        else:
+            for request in batch.requests:
+                if not request.future.done():
+                    error = BatchFailedError(f"the batch of {len(batch.requests)} rows failed: {payload!r}")
+                    error.__cause__ = payload
+                    request.future.set_exception(error)
+        self._wake()
+
+    # -- the worker thread --------------------------------------------------------------------------
+
+    def _execute(self, batch: _Batch, lease: Any) -> tuple[str, Any, Any]:
+        """Runs in the worker thread: collate, wait for slot copies, forward, slice rows."""
+        inputs = self._collate(batch)
+        lease.wait_copies()
+        try:
+            with torch.inference_mode():
+                outputs = self.model.forward_slots(batch.slots, **inputs)
+                selected = self._select(outputs)
+                rows = self._split_rows(selected, batch)
+        except Exception as exc:  # the model or the output hook failed: this batch only
+            return "error", exc, None
+        done = None
+        if selected.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return "ok", rows, done
+
+    def _collate(self, batch: _Batch) -> dict[str, torch.Tensor]:
+        device = self.model.device
+        rows, width = len(batch.requests), batch.width
+        pin = device.type == "cuda"
+        out: dict[str, torch.Tensor] = {}
+        first = batch.requests[0].inputs
+        for name, sample in first.items():
+            padded = torch.full(
+                (rows, width, *sample.shape[1:]),
+                self.config.pad_values.get(name, 0),
+                dtype=sample.dtype,
+                pin_memory=pin,
+            )
+            for i, request in enumerate(batch.requests):
+                padded[i, : request.length] = request.inputs[name]
+            out[name] = padded.to(device, non_blocking=True)
+        if self._add_mask and "attention_mask" not in out:
+            mask = torch.zeros(rows, width, dtype=torch.long, pin_memory=pin)
+            for i, request in enumerate(batch.requests):
+                mask[i, : request.length] = 1
+            out["attention_mask"] = mask.to(device, non_blocking=True)
+        return out
+
+    def _split_rows(self, selected: torch.Tensor, batch: _Batch) -> list[torch.Tensor]:
+        if selected.dim() == 0 or selected.shape[0] != len(batch.requests):
+            raise TypeError(
+                f"the selected output has shape {tuple(selected.shape)}; its first dimension must be the "
+                f"batch's {len(batch.requests)} rows"
+            )
+        per_token = selected.dim() >= 2 and selected.shape[1] == batch.width
+        if self.config.results_on_cpu and selected.device.type != "cpu":
+            selected = selected.to("cpu")
+        rows = []
+        for i, request in enumerate(batch.requests):
+            row = selected[i, : request.length] if per_token else selected[i]
+            rows.append(row.clone())
+        return rows
+
+    def _crashed(self, exc: BaseException) -> None:
+        if self._state == "crashed":
+            return
+        self._state = "crashed"
+        self._crash = exc
+        self._fail_pending(lambda: _crash_error(exc))
+        self._wake()
+
+
+def _crash_error(exc: BaseException) -> WorkerCrashedError:
+    error = WorkerCrashedError(f"the runtime's worker failed: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
+def _describe(spec: tuple[torch.dtype, tuple[int, ...]] | None) -> str:
+    if spec is None:
+        return "absent"
+    dtype, trailing = spec
+    return f"{dtype} with per-token shape {list(trailing)}"

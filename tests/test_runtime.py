@@ -1,0 +1,223 @@
+"""The async runtime: correctness under concurrency, and every failure path resolves every request."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from polylora_async import (
+    BASE_ADAPTER,
+    AdapterNotFoundError,
+    BatchFailedError,
+    InputValidationError,
+    MultiLoraModel,
+    OverloadedError,
+    RequestTimeoutError,
+    Runtime,
+    RuntimeClosedError,
+    RuntimeConfig,
+    WorkerCrashedError,
+    WrapConfig,
+)
+from tests._tiny import TARGETS, VOCAB, TinyModel, reference, write_adapter
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 model vs fp64 reference
+
+
+def _ids(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def adapters(tmp_path: Path) -> dict[str, Path]:
+    return {f"ad{i}": write_adapter(tmp_path, f"ad{i}", seed=i, rank=1 + i % 8) for i in range(50)}
+
+
+def _runtime(num_slots: int = 8, **config: object) -> tuple[Runtime, MultiLoraModel, TinyModel]:
+    tiny = TinyModel()
+    model = MultiLoraModel(tiny, WrapConfig(TARGETS, max_rank=8, num_slots=num_slots))
+    return Runtime(model, RuntimeConfig(**config)), model, tiny  # type: ignore[arg-type]
+
+
+async def test_thousand_concurrent_clients_over_fifty_adapters(adapters: dict[str, Path]) -> None:
+    runtime, _, tiny = _runtime(num_slots=8, max_batch_size=32, max_wait=0.001)
+    rng = random.Random(0)
+    names = [*adapters, BASE_ADAPTER]
+    plan = [(rng.choice(names), _ids(rng.randint(1, 12), seed=i)) for i in range(1000)]
+    async with runtime:
+        for name, path in adapters.items():
+            runtime.register_adapter(name, path)
+        results = await asyncio.gather(*(runtime.submit({"input_ids": ids}, name) for name, ids in plan))
+        stats = runtime.statistics()
+    for (name, ids), out in zip(plan, results, strict=True):
+        expected = reference(tiny, None if name == BASE_ADAPTER else adapters[name], ids)
+        assert out.shape == (len(ids), 16)
+        torch.testing.assert_close(out.double(), expected, **TOL)
+    assert stats.completed == 1000 and stats.failed == 0
+    assert stats.mixed_batches > 0 and stats.max_adapters_in_batch > 2, stats
+    assert stats.batches < 1000  # requests really were batched
+
+
+async def test_results_stream_as_they_complete(adapters: dict[str, Path]) -> None:
+    runtime, _, tiny = _runtime()
+    async with runtime:
+        runtime.register_adapter("ad1", adapters["ad1"])
+
+        async def source() -> AsyncIterator[tuple[int, dict[str, torch.Tensor], str]]:
+            for i in range(20):
+                yield i, {"input_ids": _ids(3 + i % 4, seed=i)}, "ad1" if i % 2 else BASE_ADAPTER
+
+        seen = {}
+        async for item in runtime.stream(source()):
+            assert item.error is None
+            seen[item.key] = item.value
+    assert sorted(seen) == list(range(20))
+    for i, value in seen.items():
+        expected = reference(tiny, adapters["ad1"] if i % 2 else None, _ids(3 + i % 4, seed=i))
+        torch.testing.assert_close(value.double(), expected, **TOL)
+
+
+async def _blocked(runtime: Runtime, tiny: TinyModel) -> asyncio.Task[object]:
+    """Start a request whose forward pass holds the worker until ``tiny.gate`` is set."""
+    import threading
+
+    tiny.gate = threading.Event()
+    tiny.entered.clear()
+    task = asyncio.ensure_future(runtime.submit({"input_ids": _ids(4, 1)}))
+    await asyncio.to_thread(tiny.entered.wait, 30)
+    return task
+
+
+async def test_cancelled_caller_is_dropped_without_harming_others() -> None:
+    runtime, _, tiny = _runtime(max_inflight_batches=1)
+    async with runtime:
+        first = await _blocked(runtime, tiny)
+        victim = asyncio.ensure_future(runtime.submit({"input_ids": _ids(5, 2)}))
+        survivor = asyncio.ensure_future(runtime.submit({"input_ids": _ids(6, 3)}))
+        await asyncio.sleep(0)  # let both enqueue
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        assert tiny.gate is not None
+        tiny.gate.set()
+        await first
+        out = await survivor
+        torch.testing.assert_close(out.double(), reference(tiny, None, _ids(6, 3)), **TOL)
+        stats = runtime.statistics()
+    assert stats.cancelled == 1 and stats.completed == 2 and stats.queued == 0
+
+
+async def test_timeout_withdraws_the_request() -> None:
+    runtime, _, tiny = _runtime(max_inflight_batches=1)
+    async with runtime:
+        first = await _blocked(runtime, tiny)
+        with pytest.raises(RequestTimeoutError):
+            await runtime.submit({"input_ids": _ids(5, 2)}, timeout=0.05)
+        assert isinstance(RequestTimeoutError("x"), TimeoutError)
+        assert tiny.gate is not None
+        tiny.gate.set()
+        await first
+        out = await runtime.submit({"input_ids": _ids(5, 2)}, timeout=10)
+        torch.testing.assert_close(out.double(), reference(tiny, None, _ids(5, 2)), **TOL)
+        assert runtime.statistics().timed_out == 1
+
+
+async def test_overload_is_reported_by_submit_nowait() -> None:
+    runtime, _, tiny = _runtime(max_inflight_batches=1, max_queue=3)
+    async with runtime:
+        first = await _blocked(runtime, tiny)
+        queued = [runtime.submit_nowait({"input_ids": _ids(3, i)}) for i in range(3)]
+        with pytest.raises(OverloadedError, match="queue is full"):
+            runtime.submit_nowait({"input_ids": _ids(3, 9)})
+        # submit() waits for room instead of failing
+        waiting = asyncio.ensure_future(runtime.submit({"input_ids": _ids(3, 10)}))
+        assert tiny.gate is not None
+        tiny.gate.set()
+        await asyncio.gather(first, *queued, waiting)
+        assert runtime.statistics().rejected == 1
+
+
+async def test_bad_inputs_are_refused_at_submit(adapters: dict[str, Path]) -> None:
+    runtime, _, _ = _runtime()
+    async with runtime:
+        await runtime.submit({"input_ids": _ids(4, 0)})  # fixes the input schema
+        with pytest.raises(InputValidationError, match="integer tensor"):
+            await runtime.submit({"input_ids": torch.rand(4)})
+        with pytest.raises(InputValidationError, match="length 3, but other inputs have length 4"):
+            await runtime.submit({"input_ids": _ids(4, 0), "attention_mask": torch.ones(3, dtype=torch.long)})
+        with pytest.raises(InputValidationError, match=r"per-token shape \[2\]"):
+            await runtime.submit({"input_ids": torch.ones(4, 2, dtype=torch.long)})
+        with pytest.raises(InputValidationError, match="empty"):
+            await runtime.submit({"input_ids": torch.ones(0, dtype=torch.long)})
+        with pytest.raises(InputValidationError, match="non-empty mapping"):
+            await runtime.submit({})
+        with pytest.raises(AdapterNotFoundError, match="nope"):
+            await runtime.submit({"input_ids": _ids(4, 0)}, "nope")
+        assert runtime.statistics().queued == 0
+
+
+async def test_fault_in_a_batch_fails_only_that_batch() -> None:
+    runtime, _, tiny = _runtime(max_inflight_batches=1)
+    async with runtime:
+        first = await _blocked(runtime, tiny)
+        tiny.poison_token = 0  # token 0 never occurs in _ids, only in this request
+        poisoned = [
+            asyncio.ensure_future(runtime.submit({"input_ids": torch.zeros(3, dtype=torch.long)})),
+            asyncio.ensure_future(runtime.submit({"input_ids": _ids(3, 5)})),
+        ]
+        assert tiny.gate is not None
+        tiny.gate.set()
+        await first
+        results = await asyncio.gather(*poisoned, return_exceptions=True)
+        for result in results:
+            assert isinstance(result, BatchFailedError)
+            assert isinstance(result.__cause__, RuntimeError) and "poisoned" in str(result.__cause__)
+        out = await runtime.submit({"input_ids": _ids(7, 6)})  # the runtime keeps serving
+        torch.testing.assert_close(out.double(), reference(tiny, None, _ids(7, 6)), **TOL)
+
+
+async def test_crashed_worker_fails_every_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime, _, tiny = _runtime(max_inflight_batches=1)
+    async with runtime:
+        first = await _blocked(runtime, tiny)
+        waiting = [asyncio.ensure_future(runtime.submit({"input_ids": _ids(3, i)})) for i in range(5)]
+        await asyncio.sleep(0)
+
+        def broken(*_args: object) -> None:
+            raise MemoryError("simulated worker failure")
+
+        monkeypatch.setattr(runtime, "_collate", broken)
+        assert tiny.gate is not None
+        tiny.gate.set()
+        await first
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(isinstance(r, WorkerCrashedError) for r in results), results
+        with pytest.raises(WorkerCrashedError):
+            await runtime.submit({"input_ids": _ids(3, 0)})
+
+
+@pytest.mark.parametrize("mode", ["drain", "cancel"])
+async def test_shutdown_with_work_pending_resolves_everything(mode: str) -> None:
+    runtime, _, tiny = _runtime(max_inflight_batches=1, shutdown=mode)
+    await runtime.start()
+    first = await _blocked(runtime, tiny)
+    pending = [asyncio.ensure_future(runtime.submit({"input_ids": _ids(3, i)})) for i in range(6)]
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(runtime.aclose())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeClosedError):
+        await runtime.submit({"input_ids": _ids(3, 0)})
+    assert tiny.gate is not None
+    tiny.gate.set()
+    await closing
+    await first
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    if mode == "drain":
+        assert all(isinstance(r, torch.Tensor) for r in results), results
+    else:
+        assert all(isinstance(r, RuntimeClosedError) for r in results), results
