@@ -25,12 +25,14 @@ for step in $steps; do
         kernels) timeout 240 python3 benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
         sweep)   timeout 300 python3 benchmarks/sweep_kernels.py --case prefill --case decode --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -60 ;;
         ktests)  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-                 timeout 240 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider -x $xdist 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-        ksweep)  timeout 240 python3 benchmarks/sweep_kernels.py --case decode --case prefill --case encoder-768x3072-a16 --case encoder-3072x768-a16 --host --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -80 ;;
+                 timeout 130 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider -x $xdist 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+        ksweep)  timeout 185 python3 benchmarks/sweep_kernels.py --case decode --case prefill --case encoder-768x3072-a16 --case encoder-3072x768-a16 --host --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -80 ;;
         modelfast) timeout 240 python3 benchmarks/bench_model.py --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -8 ;;
         model)   timeout 300 python3 benchmarks/bench_model.py --peft --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -8 ;;
         store)   timeout 200 python3 benchmarks/bench_cold_load.py --json "$OUT/cold_load.json" 2>&1 | tee "$OUT/cold_load.log" | tail -20 ;;
         runtime) timeout 300 python3 benchmarks/bench_runtime.py --json "$OUT/runtime.json" 2>&1 | tee "$OUT/runtime.log" | tail -25 ;;
+        profile) timeout 200 python3 benchmarks/profile_model.py 2>&1 | tee "$OUT/profile.log" | head -60 ;;
+        storegpu) timeout 200 python3 -m pytest -m gpu tests/gpu/test_store_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/store_gpu.log" | tail -15 ;;
         demo)    timeout 200 python3 -m polylora_async demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
     esac
 done

@@ -350,7 +350,9 @@ class RuntimeMetrics:
 
         Args:
             outcome: ``"ok"``, ``"error"``, ``"timeout"``, ``"cancelled"`` or ``"rejected"``.
-            duration_s: seconds from submit to the end, observed for every outcome.
+            duration_s: seconds from submit to the end; observed for every outcome except
+                ``"rejected"`` (a request refused at the door never waited, and counting its
+                zero would pull the latency quantiles down exactly when the service is overloaded).
             queue_wait_s: seconds from submit until the request was placed in a batch; ``None``
                 when it never was (rejected, or cancelled while queued), and then not observed.
 
@@ -362,7 +364,8 @@ class RuntimeMetrics:
         if queue_wait_s is not None:
             _check_amount("queue_wait_s", queue_wait_s)
         requests.inc()
-        self._request_duration.observe(duration_s)
+        if outcome != "rejected":
+            self._request_duration.observe(duration_s)
         if queue_wait_s is not None:
             self._queue_wait.observe(queue_wait_s)
 

@@ -152,11 +152,9 @@ class _Request:
     ref: AdapterRef | None  # None: base model
     future: asyncio.Future[Any]
     submitted: float
+    key: object = None  # the adapter version's key (None: base model)
     passed_over: int = 0
-
-    @property
-    def key(self) -> object:
-        return None if self.ref is None else self.ref.key
+    dispatched: float | None = None  # when it was placed in a batch
 
 
 @dataclass
@@ -204,7 +202,10 @@ class Runtime:
             params = inspect.signature(model.model.forward).parameters
             self._add_mask = "attention_mask" in params
         self._schema: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
-        self._pending: dict[int, _Request] = {}
+        self._pending: dict[int, _Request] = {}  # insertion order = arrival order
+        self._demand_counts: dict[object, int] = {}  # adapter key -> queued requests
+        self._demand_dirty = False
+        self._room_waiters = 0
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -424,10 +425,14 @@ class Runtime:
             ref = await self.store.resolve(adapter)
         assert self._room is not None
         if len(self._pending) >= self.config.max_queue:
-            async with self._room:
-                await self._room.wait_for(
-                    lambda: len(self._pending) < self.config.max_queue or self._state != "running"
-                )
+            self._room_waiters += 1
+            try:
+                async with self._room:
+                    await self._room.wait_for(
+                        lambda: len(self._pending) < self.config.max_queue or self._state != "running"
+                    )
+            finally:
+                self._room_waiters -= 1
         try:
             self._check_open()
         except BaseException:
@@ -445,8 +450,13 @@ class Runtime:
             ref=ref,
             future=self._loop.create_future(),
             submitted=time.perf_counter(),
+            key=None if ref is None else ref.key,
         )
         self._pending[request.seq] = request
+        if ref is not None:
+            self._demand_counts[request.key] = self._demand_counts.get(request.key, 0) + 1
+            self._demand_dirty = True
+            self.store.note_gpu_lookup(ref)  # per request: was its adapter resident on arrival?
         self._stats["submitted"] += 1
         self.metrics.set_queue_depth(len(self._pending))
         request.future.add_done_callback(functools.partial(self._on_done, request))
@@ -479,7 +489,7 @@ class Runtime:
 
     def _finished(self, request: _Request) -> None:
         """Bookkeeping when a request's future resolves, however it resolves."""
-        self._pending.pop(request.seq, None)
+        self._unqueue(request)
         if request.ref is not None:
             self.store.release_ref(request.ref)
         elapsed = time.perf_counter() - request.submitted
@@ -493,9 +503,10 @@ class Runtime:
         else:
             outcome = "ok"
             self._stats["completed"] += 1
-        self.metrics.request_done(outcome, elapsed)
+        queue_wait = None if request.dispatched is None else request.dispatched - request.submitted
+        self.metrics.request_done(outcome, elapsed, queue_wait)
         self.metrics.set_queue_depth(len(self._pending))
-        if self._room is not None and self._loop is not None:
+        if self._room_waiters and self._loop is not None:
             self._loop.create_task(self._notify_room())
 
     async def _notify_room(self) -> None:
@@ -541,11 +552,24 @@ class Runtime:
                     )
         return tensors, length
 
+    def _unqueue(self, request: _Request) -> None:
+        """Take a request out of the queue (no-op if it already left), keeping demand counts."""
+        if self._pending.pop(request.seq, None) is None or request.key is None:
+            return
+        left = self._demand_counts[request.key] - 1
+        if left:
+            self._demand_counts[request.key] = left
+        else:
+            del self._demand_counts[request.key]
+        self._demand_dirty = True
+
     def _fail_pending(self, make_error: Callable[[], BaseException]) -> None:
         for request in list(self._pending.values()):
             if not request.future.done():
                 request.future.set_exception(make_error())
         self._pending.clear()
+        self._demand_counts.clear()
+        self._demand_dirty = True
 
     def _wake(self) -> None:
         if self._wakeup is not None:
@@ -611,7 +635,9 @@ class Runtime:
         for request in itertools.islice(self._pending.values(), self.config.lookahead):
             if request.ref is not None and request.key not in refs:
                 refs[request.key] = request.ref
-        self.store.set_demand(self._demand())
+        if self._demand_dirty:
+            self.store.set_demand(dict(self._demand_counts))
+            self._demand_dirty = False
         if refs:
             self.store.prefetch(list(refs.values()))
         slots = self.model.config.num_slots
@@ -625,7 +651,7 @@ class Runtime:
         if oldest.ref is None or self.store.is_gpu_ready(oldest.ref):
             return
         try:
-            await self.store.ensure_gpu(oldest.ref)
+            await self.store.ensure_gpu(oldest.ref, count=False)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -636,16 +662,9 @@ class Runtime:
             if request.key == key and not request.future.done():
                 request.future.set_exception(exc)
 
-    def _demand(self) -> dict[object, int]:
-        demand: dict[object, int] = {}
-        for request in self._pending.values():
-            if request.ref is not None:
-                demand[request.key] = demand.get(request.key, 0) + 1
-        return demand
-
     async def _watch(self, ref: AdapterRef) -> None:
         try:
-            await self.store.ensure_gpu(ref)
+            await self.store.ensure_gpu(ref, count=False)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -695,8 +714,10 @@ class Runtime:
         for request in skipped:
             if request.seq < last:
                 request.passed_over += 1
+        now = time.perf_counter()
         for request in chosen:
-            del self._pending[request.seq]
+            self._unqueue(request)
+            request.dispatched = now
         slots = [0 if r.ref is None else lease.slot_of(r.ref) for r in chosen]
         batch = _Batch(requests=chosen, slots=slots, width=width)
         batch.lease = lease  # type: ignore[attr-defined]

@@ -627,8 +627,22 @@ class AdapterStore:
         if not self._closed:
             self.prefetch([ref])
 
-    async def ensure_gpu(self, ref: AdapterRef) -> int:
+    def note_gpu_lookup(self, ref: AdapterRef) -> bool:
+        """Count one need for ``ref`` as a GPU-tier hit (resident now) or miss; returns which.
+
+        For schedulers that count per request when it arrives, then wait with
+        ``ensure_gpu(ref, count=False)`` so the same need is not counted twice.
+        """
+        if ref.is_base:
+            return True
+        hit = self.is_gpu_ready(ref)
+        self._count("gpu", hit=hit)
+        return hit
+
+    async def ensure_gpu(self, ref: AdapterRef, *, count: bool = True) -> int:
         """Wait until ``ref`` has a slot whose write is issued; returns the slot.
+
+        ``count=False`` leaves the GPU hit/miss counters alone (see :meth:`note_gpu_lookup`).
 
         Starts (or joins, single flight) its load, evicting another adapter if needed, and waits
         for a slot if all are leased. Leasing right after is safe from the event loop's point of
@@ -648,10 +662,12 @@ class AdapterStore:
         key = ref.key
         slot = self._gpu.get(key)
         if slot is not None and slot.state is SlotState.READY:
-            self._count("gpu", hit=True)
+            if count:
+                self._count("gpu", hit=True)
             slot.last_used = self._clock()
             return slot.index
-        self._count("gpu", hit=False)
+        if count:
+            self._count("gpu", hit=False)
         while True:
             slot = self._gpu.get(key)
             if slot is not None and slot.state is SlotState.READY:
