@@ -278,7 +278,15 @@ async def cold_adapters(device: str, quick: bool) -> dict[str, Any]:
                 await closed_loop(runtime, hot_only[: shape["batch"]], shape["batch"])
                 sat = await closed_loop(runtime, hot_only[: 4 * shape["batch"]], 2 * shape["batch"])
                 lat = await open_loop(runtime, traffic, rate=0.5 * sat, seed=3, track=set(hot))
-            results[label] = {"hot_p50_ms": pct(lat, 50), "hot_p99_ms": pct(lat, 99)}
+                stats = runtime.statistics()
+            results[label] = {
+                "hot_p50_ms": pct(lat, 50),
+                "hot_p99_ms": pct(lat, 99),
+                "rate_rps": 0.5 * sat,
+                "batches": stats.batches,
+                "gpu_loads": stats.store.gpu.loads,
+                "gpu_evictions": stats.store.gpu.evictions,
+            }
             del model
     base_p99 = results["hot_only"]["hot_p99_ms"]
     for label in ("cold_prefetch", "cold_no_prefetch"):

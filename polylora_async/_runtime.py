@@ -206,6 +206,7 @@ class Runtime:
         self._demand_counts: dict[object, int] = {}  # adapter key -> queued requests
         self._demand_dirty = False
         self._room_waiters = 0
+        self._prefetched: set[object] = set()  # keys already handed to the prefetcher while queued
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -561,6 +562,7 @@ class Runtime:
             self._demand_counts[request.key] = left
         else:
             del self._demand_counts[request.key]
+            self._prefetched.discard(request.key)
         self._demand_dirty = True
 
     def _fail_pending(self, make_error: Callable[[], BaseException]) -> None:
@@ -569,6 +571,7 @@ class Runtime:
                 request.future.set_exception(make_error())
         self._pending.clear()
         self._demand_counts.clear()
+        self._prefetched.clear()
         self._demand_dirty = True
 
     def _wake(self) -> None:
@@ -630,7 +633,14 @@ class Runtime:
         return request.ref is None or self.store.is_gpu_ready(request.ref)
 
     def _watch_lookahead(self) -> None:
-        """Prefetch for the queue's head, and wake the scheduler when an adapter becomes ready."""
+        """Prefetch for the queue's head; force-load only the oldest request's adapter.
+
+        Adapters of the next batches (the first ``num_slots`` distinct ones in the queue) are
+        loaded into GPU slots that hold nothing queued requests need; adapters further back are
+        warmed into the CPU tier once. Only the oldest waiting request's adapter may evict an
+        adapter that other queued requests still need: one forced load at a time guarantees
+        progress, while forcing several at once would evict each other's fresh weights (thrash).
+        """
         refs: dict[object, AdapterRef] = {}
         for request in itertools.islice(self._pending.values(), self.config.lookahead):
             if request.ref is not None and request.key not in refs:
@@ -638,13 +648,19 @@ class Runtime:
         if self._demand_dirty:
             self.store.set_demand(dict(self._demand_counts))
             self._demand_dirty = False
-        if refs:
-            self.store.prefetch(list(refs.values()))
+        if not refs:
+            return
         slots = self.model.config.num_slots
-        for key, ref in itertools.islice(refs.items(), slots):
-            if key not in self._watchers and not self.store.is_gpu_ready(ref):
-                task = asyncio.get_running_loop().create_task(self._watch(ref))
-                self._watchers[key] = task
+        near = [ref for ref in itertools.islice(refs.values(), slots) if not self.store.is_gpu_ready(ref)]
+        if near:
+            self.store.prefetch(near, warm_cpu=False)
+        far = [ref for key, ref in refs.items() if key not in self._prefetched]
+        if far:
+            self.store.prefetch(far, gpu_items=0)  # once per queued adapter: into the CPU tier
+            self._prefetched.update(ref.key for ref in far)
+        oldest = next(iter(self._pending.values()))
+        if oldest.ref is not None and oldest.key not in self._watchers and not self.store.is_gpu_ready(oldest.ref):
+            self._watchers[oldest.key] = asyncio.get_running_loop().create_task(self._watch(oldest.ref))
 
     async def _load_oldest_inline(self) -> None:
         oldest = next(iter(self._pending.values()))

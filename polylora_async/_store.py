@@ -559,11 +559,18 @@ class AdapterStore:
         """Whether ``ref``'s slot write has been issued (host-side state; the copy event orders the batch)."""
         return ref.is_base or self._gpu.is_ready(ref.key)
 
+    @property
+    def pinned_count(self) -> int:
+        """How many adapters are pinned to the GPU tier (their slots are never free for others)."""
+        return len(self._pinned)
+
     def gpu_resident(self) -> dict[AdapterKey, int]:
         """``ref.key`` -> slot of every version whose slot write was issued."""
         return {key: index for key, index in self._gpu.resident().items() if isinstance(key, tuple)}
 
-    def prefetch(self, items: Iterable[AdapterRef | str]) -> int:
+    def prefetch(
+        self, items: Iterable[AdapterRef | str], *, gpu_items: int | None = None, warm_cpu: bool = True
+    ) -> int:
         """Start loads for adapters that will be needed soon, in priority order; never waits.
 
         For each item not already on the GPU (or loading): while the GPU tier has a slot that a
@@ -574,6 +581,12 @@ class AdapterStore:
 
         Args:
             items: refs, or ids (their current version; unregistered ids go to the resolver).
+            gpu_items: only the first this many distinct items may start GPU loads; the rest are
+                only warmed into the CPU tier. A scheduler passes the adapters of its next batch
+                here, so loads for requests far back in the queue never evict adapters that the
+                next batches need (which would then be loaded again: thrash).
+            warm_cpu: also warm items without a GPU load into the CPU tier (a scheduler that calls
+                again on every pass turns this off after the first call for an item).
 
         Returns:
             The number of loads started.
@@ -603,14 +616,20 @@ class AdapterStore:
         gpu_budget = self._count_prefetch_victims() - unreserved
         cpu_budget = self.config.prefetch_cpu_ahead
         started = 0
-        for key, ref in refs.items():
+        for position, (key, ref) in enumerate(refs.items()):
             if self._gpu.get(key) is not None or key in self._gpu_jobs:
                 continue
-            if gpu_budget > 0:
+            if gpu_budget > 0 and (gpu_items is None or position < gpu_items):
                 self._start_gpu_job(ref, urgent=False)
                 gpu_budget -= 1
                 started += 1
-            elif cpu_budget > 0 and key not in self._cpu and key not in self._cpu_jobs:
+            elif (
+                warm_cpu
+                and cpu_budget > 0
+                and self.config.cpu_bytes > 0
+                and key not in self._cpu
+                and key not in self._cpu_jobs
+            ):
                 self._start_cpu_job(ref)
                 cpu_budget -= 1
                 started += 1
@@ -728,7 +747,8 @@ class AdapterStore:
         if len(distinct) > num_slots:
             raise BatchInputError(f"a batch can use at most {num_slots} distinct adapters, got {len(distinct)}")
         pinned_elsewhere = sum(
-            1 for s in self._gpu.slots
+            1
+            for s in self._gpu.slots
             if s.key is not None and s.key not in distinct and s.state is not SlotState.EMPTY and self._protected(s.key)
         )
         if len(distinct) + pinned_elsewhere > num_slots:
@@ -792,9 +812,13 @@ class AdapterStore:
         if self._disk is not None:
             d = self._disk_stats
             disk = TierStatistics(
-                hits=c["disk"].hits, misses=c["disk"].misses, loads=c["disk"].loads,
-                evictions=c["disk"].evictions, reloads_after_eviction=c["disk"].reloads,
-                resident=d.entries, resident_bytes=d.nbytes,
+                hits=c["disk"].hits,
+                misses=c["disk"].misses,
+                loads=c["disk"].loads,
+                evictions=c["disk"].evictions,
+                reloads_after_eviction=c["disk"].reloads,
+                resident=d.entries,
+                resident_bytes=d.nbytes,
             )
         return StoreStatistics(
             gpu=gpu,
@@ -815,8 +839,13 @@ class AdapterStore:
     def _tier_stats(self, tier: Tier, resident: int, nbytes: int) -> TierStatistics:
         c = self._counters[tier]
         return TierStatistics(
-            hits=c.hits, misses=c.misses, loads=c.loads, evictions=c.evictions,
-            reloads_after_eviction=c.reloads, resident=resident, resident_bytes=nbytes,
+            hits=c.hits,
+            misses=c.misses,
+            loads=c.loads,
+            evictions=c.evictions,
+            reloads_after_eviction=c.reloads,
+            resident=resident,
+            resident_bytes=nbytes,
         )
 
     async def drain(self) -> None:
