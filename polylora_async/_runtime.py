@@ -459,31 +459,25 @@ class Runtime:
             self._demand_dirty = True
             self.store.note_gpu_lookup(ref)  # per request: was its adapter resident on arrival?
         self._stats["submitted"] += 1
-        self.metrics.set_queue_depth(len(self._pending))
         request.future.add_done_callback(functools.partial(self._on_done, request))
         self._wake()
         return request
 
     async def _await_result(self, request: _Request, timeout: float | None) -> Any:
+        # Awaiting the future directly: if the caller is cancelled, the future is cancelled with
+        # it, which withdraws a queued request (a running batch's result for it is discarded).
+        if timeout is None:
+            return await request.future
+        assert self._loop is not None
+        timer = self._loop.call_later(timeout, self._expire, request, timeout)
         try:
-            if timeout is None:
-                return await asyncio.shield(request.future)
-            try:
-                async with asyncio.timeout(timeout):
-                    return await asyncio.shield(request.future)
-            except TimeoutError:
-                if not request.future.done():
-                    self._stats["timed_out"] += 1
-                    request.future.set_exception(RequestTimeoutError(f"no result within {timeout} s"))
-                    request.future.exception()  # retrieved here: the caller gets the raise below
-                raise RequestTimeoutError(f"request timed out after {timeout} s") from None
-        except asyncio.CancelledError:
-            # The caller went away: withdraw the request if it is still queued; a running batch's
-            # result for it is simply discarded.
-            if not request.future.done():
-                self._stats["cancelled"] += 1
-                request.future.cancel()
-            raise
+            return await request.future
+        finally:
+            timer.cancel()
+
+    def _expire(self, request: _Request, timeout: float) -> None:
+        if not request.future.done():
+            request.future.set_exception(RequestTimeoutError(f"no result within {timeout} s"))
 
     def _on_done(self, request: _Request, _future: asyncio.Future[Any]) -> None:
         self._finished(request)
@@ -496,8 +490,10 @@ class Runtime:
         elapsed = time.perf_counter() - request.submitted
         if request.future.cancelled():
             outcome = "cancelled"
+            self._stats["cancelled"] += 1
         elif isinstance(request.future.exception(), RequestTimeoutError):
             outcome = "timeout"
+            self._stats["timed_out"] += 1
         elif request.future.exception() is not None:
             outcome = "error"
             self._stats["failed"] += 1
@@ -506,7 +502,6 @@ class Runtime:
             self._stats["completed"] += 1
         queue_wait = None if request.dispatched is None else request.dispatched - request.submitted
         self.metrics.request_done(outcome, elapsed, queue_wait)
-        self.metrics.set_queue_depth(len(self._pending))
         if self._room_waiters and self._loop is not None:
             self._loop.create_task(self._notify_room())
 
@@ -584,6 +579,7 @@ class Runtime:
         assert self._wakeup is not None
         try:
             while True:
+                self.metrics.set_queue_depth(len(self._pending))
                 if not self._pending and self._state != "running":
                     return
                 if not self._pending:
