@@ -253,7 +253,7 @@ class _Handler:
         try:
             try:
                 request = await asyncio.wait_for(_read_request(reader), self._request_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise _HttpError(HTTPStatus.REQUEST_TIMEOUT, "request not received in time") from None
             if request is None:
                 return None

@@ -206,6 +206,7 @@ class Runtime:
         self._demand_counts: dict[object, int] = {}  # adapter key -> queued requests
         self._demand_dirty = False
         self._room_waiters = 0
+        self._splits_reported = model.split_batches
         self._prefetched: set[object] = set()  # keys already handed to the prefetcher while queued
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -321,7 +322,8 @@ class Runtime:
             inputs: per-request tensors of the request's own length along dim 0 (e.g.
                 ``{"input_ids": LongTensor[L]}``); the runtime pads and batches.
             adapter: an adapter id, or :data:`BASE_ADAPTER`.
-            timeout: seconds until :class:`RequestTimeoutError`; the request is withdrawn.
+            timeout: seconds until :class:`RequestTimeoutError`, counted from the call (waiting for
+                room in a full queue included); the request is withdrawn.
 
         Raises:
             AdapterNotFoundError: unknown adapter id (raised before queueing).
@@ -331,8 +333,11 @@ class Runtime:
             BatchFailedError: the batch holding this request failed; the cause is chained.
             AdapterLoadError: the adapter could not be loaded.
         """
-        request = await self._enqueue(inputs, adapter, wait_for_room=True)
-        return await self._await_result(request, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        request = await self._enqueue(inputs, adapter, deadline=deadline)
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        return await self._await_result(request, remaining)
 
     def submit_nowait(self, inputs: Mapping[str, torch.Tensor], adapter: str = BASE_ADAPTER) -> asyncio.Future[Any]:
         """Queue a request without waiting for room; returns a future of its result.
@@ -398,6 +403,19 @@ class Runtime:
             for task in tasks:
                 task.cancel()
 
+    @property
+    def state(self) -> Literal["new", "running", "closing", "closed", "crashed"]:
+        """``"running"`` while requests are accepted (for health checks)."""
+        return self._state
+
+    async def load_adapter(self, adapter_id: str, *, pin: bool = False) -> None:
+        """Load an adapter onto the device now and wait until it is there (``pin``: keep it there).
+
+        Raises:
+            AdapterNotFoundError: unknown id. AdapterLoadError: the adapter cannot be loaded.
+        """
+        await self.store.preload([adapter_id], pin=pin)
+
     def statistics(self) -> RuntimeStatistics:
         """A frozen snapshot of counters (requests, batches, mixing, padding, tiers)."""
         return RuntimeStatistics(
@@ -415,7 +433,7 @@ class Runtime:
         if self._state != "running":
             raise RuntimeClosedError(f"the runtime is {self._state}; no more requests are accepted")
 
-    async def _enqueue(self, inputs: Mapping[str, torch.Tensor], adapter: str, *, wait_for_room: bool) -> _Request:
+    async def _enqueue(self, inputs: Mapping[str, torch.Tensor], adapter: str, *, deadline: float | None) -> _Request:
         self._check_open()
         tensors, length = self._validate(inputs)
         if adapter == BASE_ADAPTER:
@@ -424,23 +442,33 @@ class Runtime:
             if not isinstance(adapter, str) or not adapter:
                 raise InputValidationError(f"`adapter` must be a non-empty string, got {adapter!r}")
             ref = await self.store.resolve(adapter)
-        assert self._room is not None
-        if len(self._pending) >= self.config.max_queue:
-            self._room_waiters += 1
-            try:
-                async with self._room:
-                    await self._room.wait_for(
-                        lambda: len(self._pending) < self.config.max_queue or self._state != "running"
-                    )
-            finally:
-                self._room_waiters -= 1
         try:
+            if len(self._pending) >= self.config.max_queue:
+                await self._wait_for_room(deadline)
             self._check_open()
         except BaseException:
             if ref is not None:
                 self.store.release_ref(ref)
             raise
         return self._push(tensors, length, ref)
+
+    def _has_room(self) -> bool:
+        return len(self._pending) < self.config.max_queue or self._state != "running"
+
+    async def _wait_for_room(self, deadline: float | None) -> None:
+        assert self._room is not None
+        self._room_waiters += 1
+        try:
+            async with asyncio.timeout_at(deadline), self._room:
+                await self._room.wait_for(
+                    lambda: len(self._pending) < self.config.max_queue or self._state != "running"
+                )
+        except TimeoutError:
+            self._stats["timed_out"] += 1
+            self.metrics.request_done("timeout", 0.0)
+            raise RequestTimeoutError("no room in the queue before the request's timeout") from None
+        finally:
+            self._room_waiters -= 1
 
     def _push(self, tensors: dict[str, torch.Tensor], length: int, ref: AdapterRef | None) -> _Request:
         assert self._loop is not None
@@ -760,6 +788,9 @@ class Runtime:
             return
         lease.release(done_event)
         self.metrics.batch_duration(time.perf_counter() - started)
+        while self._splits_reported < self.model.split_batches:  # run in adapter-homogeneous groups
+            self._splits_reported += 1
+            self.metrics.split_batch()
         if outcome == "ok":
             for request, row in zip(batch.requests, payload, strict=True):
                 if not request.future.done():  # a cancelled caller's result is discarded

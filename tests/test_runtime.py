@@ -221,3 +221,31 @@ async def test_shutdown_with_work_pending_resolves_everything(mode: str) -> None
         assert all(isinstance(r, torch.Tensor) for r in results), results
     else:
         assert all(isinstance(r, RuntimeClosedError) for r in results), results
+
+
+async def test_timeout_covers_waiting_for_room_in_a_full_queue() -> None:
+    runtime, _, tiny = _runtime(max_inflight_batches=1, max_queue=1)
+    async with runtime:
+        first = await _blocked(runtime, tiny)
+        queued = runtime.submit_nowait({"input_ids": _ids(3, 1)})
+        with pytest.raises(RequestTimeoutError, match="no room"):
+            await runtime.submit({"input_ids": _ids(3, 2)}, timeout=0.05)
+        assert tiny.gate is not None
+        tiny.gate.set()
+        await asyncio.gather(first, queued)
+        assert runtime.statistics().timed_out == 1 and runtime.statistics().queued == 0
+
+
+async def test_state_and_explicit_adapter_load(adapters: dict[str, Path]) -> None:
+    runtime, _, tiny = _runtime()
+    assert runtime.state == "new"
+    async with runtime:
+        assert runtime.state == "running"
+        runtime.register_adapter("ad3", adapters["ad3"])
+        await runtime.load_adapter("ad3", pin=True)
+        ref = await runtime.store.resolve("ad3")
+        assert runtime.store.is_gpu_ready(ref)
+        runtime.store.release_ref(ref)
+        out = await runtime.submit({"input_ids": _ids(4, 4)}, "ad3")
+        torch.testing.assert_close(out.double(), reference(tiny, adapters["ad3"], _ids(4, 4)), **TOL)
+    assert runtime.state == "closed"
