@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "benchmark": "cold_load",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": describe_machine(args.resolved_device),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rows": rows,

@@ -241,10 +241,11 @@ def _host_us(fn: Callable[[], object], calls: int) -> float:
 
 
 def measure_host(extra: dict[str, Callable[[Any], Callable[[], object]]] | None = None) -> dict[str, float]:
-    """Host cost per call on a tiny shape (4 rows x 1 token, 64 -> 64, rank 16, 4 adapters).
+    """Host cost per call on tiny shapes (4 rows, 64 -> 64, rank 16, 4 adapters), for 1 token per
+    row (decode: the split path, shrink + expand) and 16 (the fused kernel).
 
     The GPU work per call is a few microseconds, so the wall time per call is the host's time (the
-    launch queue never fills). ``extra`` maps a name to a factory that receives the inputs'
+    launch queue never fills). ``extra`` maps a name to a factory that receives the T=1 inputs'
     namespace and returns a callable to time too (the sweep uses it for the old code).
     """
     from types import SimpleNamespace
@@ -255,8 +256,6 @@ def measure_host(extra: dict[str, Callable[[Any], Callable[[], object]]] | None 
 
     dev, rows, hidden, rank, slots = "cuda", 4, 64, 16, 5
     g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(rows, 1, hidden, generator=g, device=dev).to(DTYPE)
-    y = torch.randn(rows, 1, hidden, generator=g, device=dev).to(DTYPE)
     a_stack = torch.randn(slots, rank, hidden, generator=g, device=dev).to(DTYPE)
     b_stack = torch.randn(slots, rank, hidden, generator=g, device=dev).to(DTYPE)
     ranks = torch.full((slots,), rank, dtype=torch.int32, device=dev)
@@ -269,42 +268,50 @@ def measure_host(extra: dict[str, Callable[[Any], Callable[[], object]]] | None 
     for slot in range(1, slots):
         layer.write_slot(slot, LayerLora(a=a_stack[slot], b=b_stack[slot].t(), scale=0.5))
     state.current = BatchContext(meta)
-    inputs = SimpleNamespace(x=x, y=y, a_stack=a_stack, b_stack=b_stack, ranks=ranks, scales=scales, meta=meta)
-
-    def checked() -> None:
-        lora_apply_(y, x, a_stack, b_stack, ranks, scales, meta)
-
-    def trusted() -> None:
-        lora_apply_trusted_(y, x, a_stack, b_stack, ranks, scales, meta)
-
-    results = {
-        "lora_apply_ (checked)": _host_us(checked, HOST_CALLS),
-        "lora_apply_trusted_": _host_us(trusted, HOST_CALLS),
-    }
     launchers = (sgmv._FUSED, sgmv._SHRINK, sgmv._EXPAND)
-    saved = [launcher._enabled for launcher in launchers]
-    try:
-        for launcher in launchers:
-            launcher._enabled = False
-        results["lora_apply_trusted_, triton's kernel[grid] launch"] = _host_us(trusted, HOST_CALLS)
-    finally:
-        for launcher, enabled in zip(launchers, saved, strict=True):
-            launcher._enabled = enabled
-    with torch.inference_mode():
-        results["nn.Linear forward"] = _host_us(lambda: linear(x), HOST_CALLS)
-        results["MultiLoraLinear forward"] = _host_us(lambda: layer(x), HOST_CALLS)
+    results: dict[str, float] = {}
+    first_inputs = None
+    for tokens in (1, 16):
+        x = torch.randn(rows, tokens, hidden, generator=g, device=dev).to(DTYPE)
+        y = torch.randn(rows, tokens, hidden, generator=g, device=dev).to(DTYPE)
+        first_inputs = first_inputs or SimpleNamespace(
+            x=x, y=y, a_stack=a_stack, b_stack=b_stack, ranks=ranks, scales=scales, meta=meta
+        )
+
+        def checked(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+            lora_apply_(y, x, a_stack, b_stack, ranks, scales, meta)
+
+        def trusted(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+            lora_apply_trusted_(y, x, a_stack, b_stack, ranks, scales, meta)
+
+        path = "split: shrink + expand" if tokens <= sgmv.DECODE_MAX_TOKENS_PER_ROW else "fused"
+        tag = f"T={tokens} ({path})"
+        results[f"{tag} lora_apply_ (checked)"] = _host_us(checked, HOST_CALLS)
+        results[f"{tag} lora_apply_trusted_"] = _host_us(trusted, HOST_CALLS)
+        saved = [launcher._enabled for launcher in launchers]
+        try:
+            for launcher in launchers:
+                launcher._enabled = False
+            results[f"{tag} lora_apply_trusted_, triton's kernel[grid]"] = _host_us(trusted, HOST_CALLS)
+        finally:
+            for launcher, enabled in zip(launchers, saved, strict=True):
+                launcher._enabled = enabled
+        with torch.inference_mode():
+            results[f"{tag} nn.Linear forward"] = _host_us(lambda x=x: linear(x), HOST_CALLS)
+            results[f"{tag} MultiLoraLinear forward"] = _host_us(lambda x=x: layer(x), HOST_CALLS)
     for name, factory in (extra or {}).items():
-        results[name] = _host_us(factory(inputs), HOST_CALLS)
+        results[name] = _host_us(factory(first_inputs), HOST_CALLS)
     return results
 
 
 def print_host(host: dict[str, float]) -> None:
-    print(f"host cost per call, {HOST_CALLS} eager calls, 4 rows x 1 token, 64 -> 64, r16:")
+    print(f"host cost per call, {HOST_CALLS} eager calls, 4 rows x T tokens, 64 -> 64, r16:")
     for name, us in host.items():
-        print(f"  {name:<58} {us:8.2f} us")
-    if "MultiLoraLinear forward" in host:
-        added = host["MultiLoraLinear forward"] - host["nn.Linear forward"]
-        print(f"  {'-> the wrapper adds':<58} {added:8.2f} us per layer call")
+        print(f"  {name:<74} {us:8.2f} us")
+    for tag in sorted({name.split(" lora")[0].split(" nn.")[0].split(" Multi")[0] for name in host}):
+        if f"{tag} MultiLoraLinear forward" in host:
+            added = host[f"{tag} MultiLoraLinear forward"] - host[f"{tag} nn.Linear forward"]
+            print(f"  {tag + ': the wrapper adds':<74} {added:8.2f} us per layer call")
 
 
 def print_table(results: list[dict[str, Any]], copy_bw: float) -> None:
@@ -365,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print_host(host)
     if args.json:
         payload = {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "triton": triton.__version__,

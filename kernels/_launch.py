@@ -7,10 +7,14 @@ specialisations thousands of times, so :class:`FastLauncher` does that work once
 and afterwards calls the compiled kernel's own launcher (``CompiledKernel.run``, the call
 ``JITFunction.run`` ends with, identical in triton 3.6 and 3.9) with plain integer pointers.
 
-Correctness rests on the cache key: the compiled kernel is specialised on the integer arguments
-(value 1, divisibility by 16) and on 16-byte alignment of each pointer. The key holds every integer
-argument as it is and the options; calls whose pointers are not all 16-byte aligned always go
-through ``kernel[grid]`` (triton then specialises them itself). Whatever cannot be cached (the
+Correctness rests on the cache key: the compiled kernel is specialised on each pointer's element
+type and 16-byte alignment and on the integer arguments (value 1, divisibility by 16). The key
+holds the activations' dtype (the caller's ``dtype``: in the SGMV kernels every other pointer has a
+fixed element type, int32 tables, fp32 scales and intermediates, which the checked entry points
+verify and the trusted one is guaranteed), every integer argument as it is, the meta-parameters and
+the options; calls whose pointers are not all 16-byte aligned always go through ``kernel[grid]``
+(triton then specialises them itself). Device run 2 (2026-11-28) found the key without the dtype:
+a bf16 call reused the fp16 compilation of the same shapes. Whatever cannot be cached (the
 interpreter, an unexpected triton version, a launch hook such as a profiler's) takes the ordinary
 path.
 """
@@ -54,6 +58,18 @@ def _runtime_knobs() -> Any:
     return knobs.runtime
 
 
+def _hooks_empty(knobs: Any) -> bool:
+    """No launch hook to call: each hook is None or an empty chain.
+
+    triton 3.6-3.9 keep the hooks as ``HookChain`` objects (never None) with a ``calls`` list; a
+    profiler adds to it. Anything else that is not None counts as a hook.
+    """
+    for hook in (knobs.launch_enter_hook, knobs.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
 class FastLauncher:
     """Per-kernel cache of compiled specialisations, launched without triton's per-call binding.
 
@@ -81,12 +97,14 @@ class FastLauncher:
         scalars: tuple[int, ...],
         constexprs: dict[str, Any],
         options: tuple[int, int],
+        dtype: torch.dtype,
     ) -> None:
         """Launch ``kernel[(grid,)](*tensors, *scalars, **constexprs, num_warps=, num_stages=)``.
 
         ``tensors`` are the kernel's leading pointer parameters, ``scalars`` its integer
         parameters after them, ``constexprs`` the rest in signature order; ``options`` is
-        ``(num_warps, num_stages)``.
+        ``(num_warps, num_stages)``; ``dtype`` is the activations' dtype, which with the
+        kernel's fixed dtypes for its other pointers determines every pointer's element type.
         """
         kernel = self._get_kernel()
         if self._enabled and tensors[0].is_cuda:
@@ -98,12 +116,12 @@ class FastLauncher:
                     break
             if aligned:
                 device = self._device_getter()
-                key = (device, scalars, tuple(constexprs.values()), options)
+                key = (device, dtype, scalars, tuple(constexprs.values()), options)
                 entry = self._compiled.get(key)
                 knobs = self._knobs
                 if entry is not None and entry[0] is kernel and self._stream_of is not None:
                     # A launch hook (a profiler's) must see every launch: leave those to triton.
-                    if knobs is not None and knobs.launch_enter_hook is None and knobs.launch_exit_hook is None:
+                    if knobs is not None and _hooks_empty(knobs):
                         _, compiled, tail = entry
                         compiled.run(
                             grid, 1, 1, self._stream_of(device), compiled.function, compiled.packed_metadata,

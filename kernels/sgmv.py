@@ -2,9 +2,14 @@
 
 Runtime code calls :func:`lora_apply_triton_` (through :func:`polylora_async.kernels.lora_apply_`),
 or, from a layer that already guarantees the arguments, :func:`lora_apply_triton_unchecked_`.
-Both run ONE fused kernel for stacks up to rank 128 (shrink and expand in one launch, the rank-r
-projection kept in registers) and fall back to the two halves, :func:`lora_shrink` then
-:func:`lora_expand_` (public for tests and benchmarks), for wider stacks.
+Both pick a plan per shape class (:func:`_apply_plan`):
+
+* prefill / encoder shapes (>= 16 tokens per row), stacks up to rank 128: ONE fused kernel (shrink
+  and expand in one launch, the rank-r projection kept in registers, y streamed once);
+* decode shapes (< 16 tokens per row) and wider stacks: the two halves, :func:`lora_shrink` (split-K
+  over ``in``, so a few columns of every adapter's A are read by many programs at once) then
+  :func:`lora_expand_`. At decode the fused kernel loses: each program must reduce a whole A
+  (128 KiB at 4096 x r16) before its first output, 18 us against 14 us for the halves on an H200.
 
 Host cost per call is kept small on purpose: on small models a LoRA layer's GPU work takes a few
 microseconds, so Python time per layer is what users see. Everything derived from shapes (grid,
@@ -53,6 +58,7 @@ DECODE_MAX_TOKENS_PER_ROW = 15
 # The fused kernel keeps a [BLOCK_M, next_pow2(max_rank)] fp32 projection in registers; up to 128
 # that costs at most 32 registers per thread at BLOCK_M=32 and 4 warps. Wider stacks use the halves.
 FUSED_MAX_RANK = 128
+
 
 Op = Literal["shrink", "expand", "fused"]
 
@@ -110,8 +116,9 @@ def launch_config(op: Op, decode_like: bool, dtype: torch.dtype, features: int, 
     """THE launch-config table, keyed on shape class, never on the live batch size.
 
     Args:
-        op: which kernel: ``"fused"`` (what :func:`lora_apply_triton_` runs for stacks up to rank
-            128), or one of the halves ``"shrink"`` / ``"expand"``.
+        op: which kernel: ``"fused"`` (what :func:`lora_apply_triton_` runs for >= 16 tokens per
+            row and stacks up to rank 128), or one of the halves ``"shrink"`` / ``"expand"``
+            (decode shapes and wider stacks).
         decode_like: fewer than 16 tokens per row (see ``DECODE_MAX_TOKENS_PER_ROW``).
         dtype: the activations' dtype.
         features: ``in`` for the shrink (its reduction), ``out`` for the expand and the fused
@@ -128,9 +135,8 @@ def launch_config(op: Op, decode_like: bool, dtype: torch.dtype, features: int, 
     wide = dtype == torch.float32  # 4-byte elements: half the tile width for the same bytes/stage
     if op == "fused":
         if decode_like:
-            # Decode, 64 rows x 1 token, 64 adapters, 4096 x 4096, r16: per segment the whole A
-            # (128 KiB) must be reduced before any output; 4 column groups of 1024 -> 256
-            # programs (~2 per SM), each reading A from L2 after the first and streaming 32 KiB of B.
+            # Not the default at decode (see the module docstring): only for explicit use and tuning.
+            # Decode 64 x 1, 4096^2, r16, 64 adapters: 18.2-18.7 us for column groups of 1024-2048.
             return SgmvConfig(
                 block_m=16,
                 block_k=128 if wide else 256,
@@ -141,12 +147,17 @@ def launch_config(op: Op, decode_like: bool, dtype: torch.dtype, features: int, 
                 num_stages=3,
                 n_tiles=4,
             )
-        # Prefill / encoder: one program per 32-token tile streams its x rows (K loop) and then ALL
-        # of its y columns (N loop, next y tile prefetched): x read once, y read + written once,
-        # no intermediate in memory. 16 x 512 tokens -> 256 programs, ~2 per SM.
+        # Prefill / encoder: one program per 16-token tile streams its x rows (K loop, 256 wide) and
+        # then ALL of its y columns (N loop, 128 wide, next y tile prefetched): x read once, y read +
+        # written once, no intermediate in memory. Best of 12 on all three shapes swept (bf16, graph):
+        # prefill 16x512 4096^2 r16: 65.6 us = 0.74 of copy bandwidth (32-token tiles: 86.6 us);
+        # 64x128 768->3072 r8: 41.0 us (0.66); 64x128 3072->768: 26.5 us (0.68). More tokens per
+        # tile means fewer programs (fewer loads in flight per SM) and lost to this every time.
+        # Rank tiles of 64-128: half the K tile, or the A tile (block_r x block_k) alone fills the
+        # registers (triton 3.6, sm_90, rank 128: 255 registers and spills at 256, none at 128).
         return SgmvConfig(
-            block_m=32,
-            block_k=64 if wide else 128,
+            block_m=16,
+            block_k=128 if wide or block_r >= 64 else 256,
             block_n=64 if wide else 128,
             block_r=block_r,
             split_k=1,
@@ -156,17 +167,19 @@ def launch_config(op: Op, decode_like: bool, dtype: torch.dtype, features: int, 
         )
     if op == "shrink":
         if decode_like:
-            # Split the `in` reduction so every program reads ~512 columns of one A: 64 adapters x
-            # split 8 -> 512 programs for in=4096.
+            # Split the `in` reduction so every program reads ~1024 columns of one A: 64 adapters x
+            # split 4 -> 256 programs for in=4096. 6.0 us for 8 MiB of A (split 8 x 128: 6.1 us,
+            # split 16: 7.9-9.4 us); the floor is ~2 us, the rest launch latency and the tail.
             return SgmvConfig(
                 block_m=16,
-                block_k=64 if wide else 128,
+                block_k=128 if wide else 256,
                 block_n=0,
                 block_r=block_r,
-                split_k=max(1, min(8, features // 512)),
+                split_k=max(1, min(4, features // 1024)),
                 num_warps=4,
                 num_stages=3,
             )
+        # Prefill 16x512, in=4096: 20.8 us for 64 MiB of x (0.78 of copy bandwidth).
         return SgmvConfig(
             block_m=64,
             block_k=64 if wide else 128,
@@ -178,6 +191,8 @@ def launch_config(op: Op, decode_like: bool, dtype: torch.dtype, features: int, 
         )
     if op == "expand":
         if decode_like:
+            # 4 tiles of 256 columns per program (64 adapters x 4 groups = 256 programs): 8.4 us
+            # alone for 8 MiB of B, against 11.6 us for one tile per program (1024 programs).
             return SgmvConfig(
                 block_m=16,
                 block_k=0,
@@ -186,19 +201,19 @@ def launch_config(op: Op, decode_like: bool, dtype: torch.dtype, features: int, 
                 split_k=1,
                 num_warps=4,
                 num_stages=2,
-                n_tiles=1,
+                n_tiles=4,
             )
-        # 8 tiles of 128 columns per program: the metadata chain is paid once per 128 KiB of y
-        # and the next y tile is always in flight.
+        # 4 tiles of 256 columns per program: the metadata chain is paid once per 4 tiles and the
+        # next y tile is always in flight. Prefill 52.5 us alone (64 x 128 x 8 tiles: 58.1 us).
         return SgmvConfig(
-            block_m=64,
+            block_m=32,
             block_k=0,
-            block_n=64 if wide else 128,
+            block_n=128 if wide else 256,
             block_r=block_r,
             split_k=1,
             num_warps=4,
             num_stages=2,
-            n_tiles=8,
+            n_tiles=4,
         )
     raise ValueError(f"`op` must be 'shrink', 'expand' or 'fused', got {op!r}")
 
@@ -352,7 +367,7 @@ class _KernelPlan:
     grid: int
     sizes: tuple[int, ...]
     constexprs: dict[str, Any]
-    options: tuple[int, int]
+    options: tuple[int, int]  # num_warps, num_stages
 
 
 def _check_op_config(op: Op, config: SgmvConfig) -> SgmvConfig:
@@ -426,7 +441,13 @@ def _shrink_plan(
 
 @functools.lru_cache(maxsize=512)
 def _expand_plan(
-    num_rows: int, tokens: int, out_features: int, slots: int, max_rank: int, split_k: int, config: SgmvConfig
+    num_rows: int,
+    tokens: int,
+    out_features: int,
+    slots: int,
+    max_rank: int,
+    split_k: int,
+    config: SgmvConfig,
 ) -> _KernelPlan:
     n_per_group, n_groups = _n_groups(out_features, config)
     return _KernelPlan(
@@ -473,7 +494,8 @@ def _apply_plan(
     split_requested = shrink_config is not None or expand_config is not None
     if fused_config is not None and split_requested:
         raise ValueError("pass either `fused_config` or `shrink_config`/`expand_config`, not both")
-    if fused_config is not None or (not split_requested and max_rank <= FUSED_MAX_RANK):
+    decode_like = tokens <= DECODE_MAX_TOKENS_PER_ROW
+    if fused_config is not None or (not split_requested and not decode_like and max_rank <= FUSED_MAX_RANK):
         cfg = _config("fused", fused_config, tokens, dtype, out_features, max_rank)
         return _ApplyPlan(fused=_fused_plan(num_rows, tokens, in_features, out_features, slots, max_rank, cfg))
     shrink_cfg = _config("shrink", shrink_config, tokens, dtype, in_features, max_rank)
@@ -502,6 +524,7 @@ def _run_shrink(
         plan.sizes + x.stride() + a_stack.stride() + t.stride(),
         plan.constexprs,
         plan.options,
+        x.dtype,
     )
 
 
@@ -520,6 +543,7 @@ def _run_expand(
         plan.sizes + y.stride() + t.stride() + b_stack.stride(),
         plan.constexprs,
         plan.options,
+        y.dtype,
     )
 
 
@@ -551,6 +575,7 @@ def _apply(
             fused.sizes + y.stride() + x.stride() + a_stack.stride() + b_stack.stride(),
             fused.constexprs,
             fused.options,
+            y.dtype,
         )
         return
     assert plan.shrink is not None and plan.expand is not None
@@ -727,9 +752,10 @@ def lora_apply_triton_unchecked_(
     3-D ``y``/``x`` with the same ``[B, T]``, one supported dtype for ``y``, ``x`` and both
     stacks, ``[slots, max_rank, in|out]`` stacks, int32 ``ranks`` and float32 ``scales`` of
     ``slots`` entries, everything on one CUDA device, ``meta`` from :func:`build_batch_meta` for
-    ``B`` rows and slots below ``slots``, and a ``y`` that does not overlap itself. A layer checks
-    this once when it is built; per call the check costs more host time than the launch
-    (~10 us of Python on the GPU machine's CPU, against a few microseconds of GPU work at decode).
+    ``B`` rows and slots below ``slots``, and a ``y`` that does not overlap itself. A layer owns
+    its stacks and tables, so it meets this by construction; per call the checks cost about as much
+    host time as the launch itself (H200 machine, fused path: 28.7 us checked against 16.5 us
+    unchecked per call, for a few microseconds of GPU work).
     """
     if meta.any_lora:
         _apply(y, x, a_stack, b_stack, ranks, scales, meta.device_buffer)  # type: ignore[arg-type]

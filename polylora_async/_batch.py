@@ -57,10 +57,45 @@ class BatchContext:
         assert isinstance(value, torch.Tensor)
         return value
 
+    def shared_plan(self, active: tuple[bool, ...], device: torch.device) -> SharedPlan:
+        """The plan for layers whose active slots are ``active``; built once per batch."""
+
+        def build() -> SharedPlan:
+            effective = tuple(s if active[s] else 0 for s in self.meta.row_slots_host)
+            distinct = tuple(dict.fromkeys(s for s in effective if s != 0))
+            if not distinct:
+                return SharedPlan((), None, None)
+            meta = self.meta_for(distinct, device)
+            if len(distinct) == 1 and 0 not in effective:
+                return SharedPlan(distinct, meta, None)
+            groups = (0, *distinct)
+            rows = self.index_tensor(("rows", effective), [groups.index(s) for s in effective], device)
+            return SharedPlan(distinct, meta, rows)
+
+        plan = self.derived(("shared", active), device, build)
+        assert isinstance(plan, SharedPlan)
+        return plan
+
     def meta_for(self, slots: tuple[int, ...], device: torch.device) -> LoraBatchMeta:
         value = self.derived(("meta", slots), device, lambda: build_batch_meta(slots, device))
         assert isinstance(value, LoraBatchMeta)
         return value
+
+
+@dataclass(frozen=True)
+class SharedPlan:
+    """How a layer answers a tensor shared by all rows, for one batch and one set of active slots.
+
+    Attributes:
+        distinct: the adapter slots that do work here, in first-seen row order.
+        meta: batch metadata with one row per distinct slot.
+        rows_to_group: ``[rows]`` int64, row -> group (0 = base, i = ``distinct[i - 1]``); ``None``
+            when every row uses the same adapter here (the shared tensor takes it directly).
+    """
+
+    distinct: tuple[int, ...]
+    meta: LoraBatchMeta | None
+    rows_to_group: torch.Tensor | None
 
 
 class BatchState:

@@ -7,7 +7,7 @@ from torch import nn
 
 from ._adapters import LayerLora
 from ._batch import BatchContext, BatchState, MixedSharedInputError
-from .kernels import lora_apply_, lora_apply_trusted_
+from .kernels import lora_apply_trusted_
 
 
 class MultiLoraLinear(nn.Module):
@@ -47,6 +47,8 @@ class MultiLoraLinear(nn.Module):
         )
         # Host copies decide control flow without reading the device; device copies feed kernels.
         self.slot_ranks: list[int] = [0] * num_slots
+        # Which slots do work in this layer; keys the per-batch shared-input plans.
+        self._active: tuple[bool, ...] = (False,) * num_slots
         self.slot_scales: list[float] = [0.0] * num_slots
         self._ranks_dev = torch.zeros(num_slots, dtype=torch.int32, device=weight.device)
         self._scales_dev = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)
@@ -68,6 +70,7 @@ class MultiLoraLinear(nn.Module):
             self.lora_b[slot, :r].copy_(lora.b.t(), non_blocking=True)
             self.slot_ranks[slot] = r
             self.slot_scales[slot] = lora.scale
+        self._active = tuple(r > 0 for r in self.slot_ranks)
         self._ranks_dev[slot] = self.slot_ranks[slot]
         self._scales_dev[slot] = self.slot_scales[slot]
 
@@ -93,7 +96,9 @@ class MultiLoraLinear(nn.Module):
             # arguments are this layer's own buffers and the batch's metadata, valid by construction,
             # so the kernels' argument checks are skipped (lora_apply_trusted_). A [B, T, H] input
             # (the usual case) is passed as it is, without new views.
-            ranks, scales = self._slot_tables(y.device)
+            ranks, scales = self._ranks_dev, self._scales_dev
+            if ranks.get_device() != y.get_device():  # ints: cheaper than comparing torch.device objects
+                ranks, scales = self._slot_tables(y.device)
             if x.dim() == 3:
                 lora_apply_trusted_(y, x, self.lora_a, self.lora_b, ranks, scales, meta)
             else:
@@ -118,40 +123,37 @@ class MultiLoraLinear(nn.Module):
         adapter group, ``[groups, ...]``, and sets ``ctx.shared_rows`` (row -> group); anywhere
         else it raises, and the model re-runs the batch in homogeneous groups.
         """
-        effective = tuple(s if self.slot_ranks[s] > 0 else 0 for s in ctx.meta.row_slots_host)
-        out_shape = tuple(y.shape[1:])
-        distinct = tuple(dict.fromkeys(s for s in effective if s != 0))
-        if not distinct:
+        plan = ctx.shared_plan(self._active, y.device)
+        if not plan.distinct:
             return y
         ranks, scales = self._slot_tables(y.device)
-        if len(distinct) == 1 and 0 not in effective:
-            meta = ctx.meta_for(distinct, y.device)
-            lora_apply_(
+        if plan.rows_to_group is None:  # one adapter for every row in this layer
+            lora_apply_trusted_(
                 y.view(1, -1, self.out_features),
                 x.reshape(1, -1, self.in_features),
                 self.lora_a,
                 self.lora_b,
                 ranks,
                 scales,
-                meta,
+                plan.meta,
             )
             return y
         if not ctx.expand_shared or x.dim() < 2 or x.shape[0] != 1:
             raise MixedSharedInputError(self.layer_name)
         # One result per adapter group (group 0: the base output), computed once each; the patch
         # that asked for this maps rows to groups with `ctx.shared_rows`, in its own layout.
-        groups = (0, *distinct)
-        per_group = y.expand(len(groups), *out_shape).clone()
-        lora_apply_(
-            per_group[1:].view(len(distinct), -1, self.out_features),
-            x.reshape(1, -1, self.in_features).expand(len(distinct), -1, -1),
+        groups = len(plan.distinct) + 1
+        per_group = y.expand(groups, *y.shape[1:]).clone()
+        lora_apply_trusted_(
+            per_group[1:].view(groups - 1, -1, self.out_features),
+            x.reshape(1, -1, self.in_features).expand(groups - 1, -1, -1),
             self.lora_a,
             self.lora_b,
             ranks,
             scales,
-            ctx.meta_for(distinct, y.device),
+            plan.meta,
         )
-        ctx.shared_rows = ctx.index_tensor(("rows", effective), [groups.index(s) for s in effective], y.device)
+        ctx.shared_rows = plan.rows_to_group
         return per_group
 
     def extra_repr(self) -> str:

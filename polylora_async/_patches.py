@@ -103,7 +103,6 @@ def _deberta_bias_per_row(
     relative_pos = relative_pos.to(device=query_layer.device, dtype=torch.long)
     positions = rel_embeddings[: 2 * span, :].unsqueeze(0)
     rows_x_heads = query_layer.size(0)
-    head_offsets = torch.arange(heads, device=query_layer.device)
 
     def project(layer: nn.Module) -> torch.Tensor:
         # -> [rows * heads, 2 * span, head_dim], each row's block projected with its own adapter.
@@ -113,7 +112,12 @@ def _deberta_bias_per_row(
         if rows_to_group is None:  # every row uses this layer's one result
             return per_head.repeat(rows_x_heads // per_head.size(0), 1, 1)
         # Row b's heads are group g's heads: one gather, the same bytes the library's repeat writes.
-        index = (rows_to_group[:, None] * heads + head_offsets[None, :]).reshape(-1)
+        index = ctx.derived(
+            ("deberta-heads", id(rows_to_group), heads),
+            per_head.device,
+            lambda: (rows_to_group[:, None] * heads + torch.arange(heads, device=per_head.device)).reshape(-1),
+        )
+        assert isinstance(index, torch.Tensor)
         return per_head.index_select(0, index)
 
     pos_key = pos_query = None

@@ -208,15 +208,23 @@ def split_configs(case: Case, dtype: torch.dtype) -> dict[str, SgmvConfig]:
     }
 
 
+def fused_config(case: Case, dtype: torch.dtype) -> dict[str, SgmvConfig]:
+    """The table's fused entry (also at decode, where it is not the default)."""
+    decode = case.tokens <= sgmv_module.DECODE_MAX_TOKENS_PER_ROW
+    return {"fused_config": sgmv_module.launch_config("fused", decode, dtype, case.out_features, case.max_rank)}
+
+
 def run_and_check(
     case: Case, dtype: torch.dtype, g: torch.Generator, layout: str = "contiguous", path: str = "default", **configs
 ):
-    """``path``: "default" (the fused kernel up to rank 128), "split" (the table's two halves)."""
+    """``path``: "default" (the table's plan), "split" (the two halves), "fused" (the fused kernel)."""
     inp = make_inputs(case, dtype, g, layout)
     y_in = inp.y.clone()
     y_ref = inp.reference_y()
     if path == "split":
         configs = {**split_configs(case, dtype), **configs}
+    elif path == "fused":
+        configs = {**fused_config(case, dtype), **configs}
     lora_apply_triton_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, inp.meta, **configs)
     assert_matches_reference(inp.y, y_in, y_ref, active_rows(case), dtype)
 
@@ -283,14 +291,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("path", ["default", "split"])
+@pytest.mark.parametrize("path", ["default", "split", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name: str, dtype: torch.dtype, path: str, gen: torch.Generator) -> None:
     run_and_check(CASES[name], dtype, gen, path=path)
 
 
-@pytest.mark.parametrize("path", ["default", "split"])
+@pytest.mark.parametrize("path", ["split", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["strided", "transposed", "shared-x"])
 @pytest.mark.parametrize("name", ["decode-7rows-mixed-ranks-and-base", "prefill-37-several"])
@@ -325,7 +333,7 @@ def _random_case(seed: int) -> tuple[Case, torch.dtype, str]:
 @pytest.mark.parametrize("seed", range(24))
 def test_random_sweep(seed: int, gen: torch.Generator) -> None:
     case, dtype, layout = _random_case(seed)
-    run_and_check(case, dtype, gen, layout, path="split" if seed % 3 == 2 else "default")
+    run_and_check(case, dtype, gen, layout, path=("default", "split", "fused")[seed % 3])
 
 
 # Small tiles force every loop of every kernel to iterate: 3-way split-K with a masked tail
@@ -364,8 +372,14 @@ def test_stack_wider_than_one_rank_tile_uses_the_halves(dtype: torch.dtype, gen:
 
 
 def test_plan_choice_and_config_errors() -> None:
-    fused = sgmv_module._apply_plan(torch.bfloat16, 64, 1, 4096, 4096, 65, 16, None, None, None)
+    fused = sgmv_module._apply_plan(torch.bfloat16, 16, 512, 4096, 4096, 17, 16, None, None, None)
     assert fused is not None and fused.fused is not None and fused.shrink is None
+    # Decode shapes take the two halves (the fused kernel's per-program reduction over all of `in`
+    # is slower there), and so does a stack wider than one rank tile.
+    split = sgmv_module._apply_plan(torch.bfloat16, 64, 1, 4096, 4096, 65, 16, None, None, None)
+    assert split is not None and split.fused is None and split.shrink is not None and split.expand is not None
+    wide = sgmv_module._apply_plan(torch.bfloat16, 16, 512, 4096, 4096, 17, 256, None, None, None)
+    assert wide is not None and wide.fused is None
     assert sgmv_module._apply_plan(torch.bfloat16, 4, 1, 0, 16, 3, 8, None, None, None) is None
     with pytest.raises(ValueError, match="either `fused_config` or"):
         sgmv_module._apply_plan(torch.float32, 4, 1, 16, 16, 3, 8, SMALL_FUSED, SMALL_SHRINK, None)
@@ -745,6 +759,9 @@ def test_trusted_dispatch_falls_back_to_the_checked_entry(
 # ---------------------------------------------------------------------------------------------------
 
 
+BF16 = torch.bfloat16
+
+
 class _FakeTensor:
     is_cuda = True
 
@@ -784,9 +801,17 @@ class _FakeJit:
         return run
 
 
+class _HookChain:
+    """triton's HookChain: never None, a list of calls (empty unless a profiler added one)."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+
 class _Knobs:
-    launch_enter_hook: object = None
-    launch_exit_hook: object = None
+    def __init__(self) -> None:
+        self.launch_enter_hook = _HookChain()
+        self.launch_exit_hook = _HookChain()
 
 
 def _launcher(kernel: _FakeJit, enabled: bool = True) -> FastLauncher:
@@ -802,22 +827,28 @@ def test_fast_launcher_caches_a_specialisation_and_launches_it_directly(monkeypa
     monkeypatch.setattr("polylora_async.kernels._launch._runtime_knobs", lambda: _Knobs())
     tensors = (_FakeTensor(4096), _FakeTensor(8192))
     constexprs = {"BLOCK": 16, "FLAG": False}
-    launcher.launch(7, tensors, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    launcher.launch(7, tensors, (5, 64), constexprs, (4, 2), BF16)  # type: ignore[arg-type]
     assert len(kernel.slow) == 1
     grid, args, kwargs = kernel.slow[0]
     assert grid == (7,) and args == (*tensors, 5, 64)
     assert kwargs == {"BLOCK": 16, "FLAG": False, "num_warps": 4, "num_stages": 2}
-    launcher.launch(9, (_FakeTensor(16), _FakeTensor(32)), (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    launcher.launch(9, (_FakeTensor(16), _FakeTensor(32)), (5, 64), constexprs, (4, 2), BF16)  # type: ignore[arg-type]
     assert len(kernel.slow) == 1, "the second call must not go through kernel[grid]"
     (run,) = kernel.compiled[0].runs
     # grid, stream of the current device, function, packed metadata, no launch metadata or hooks,
     # then the pointers as integers, the ints, the constexprs in signature order.
     assert run == (9, 1, 1, 1003, "cu-function", ("packed",), None, None, None, 16, 32, 5, 64, 16, False)
     # Another integer value (another specialisation) or other options compile again.
-    launcher.launch(9, tensors, (6, 64), constexprs, (4, 2))  # type: ignore[arg-type]
-    launcher.launch(9, tensors, (5, 64), constexprs, (8, 2))  # type: ignore[arg-type]
-    launcher.launch(9, tensors, (5, 64), {"BLOCK": 32, "FLAG": False}, (4, 2))  # type: ignore[arg-type]
+    launcher.launch(9, tensors, (6, 64), constexprs, (4, 2), BF16)  # type: ignore[arg-type]
+    launcher.launch(9, tensors, (5, 64), constexprs, (8, 2), BF16)  # type: ignore[arg-type]
+    launcher.launch(9, tensors, (5, 64), {"BLOCK": 32, "FLAG": False}, (4, 2), BF16)  # type: ignore[arg-type]
     assert len(kernel.slow) == 4
+    # Another dtype of the same shapes is another specialisation (device run 2 found a bf16 call
+    # served by the fp16 compilation when the key lacked it).
+    launcher.launch(9, tensors, (5, 64), constexprs, (4, 2), torch.float16)  # type: ignore[arg-type]
+    assert len(kernel.slow) == 5
+    launcher.launch(9, tensors, (5, 64), constexprs, (4, 2), torch.float16)  # type: ignore[arg-type]
+    assert len(kernel.slow) == 5 and len(kernel.compiled[-1].runs) == 1
 
 
 def test_fast_launcher_leaves_unusual_calls_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -829,36 +860,40 @@ def test_fast_launcher_leaves_unusual_calls_to_triton(monkeypatch: pytest.Monkey
     kernel = _FakeJit()
     launcher = _launcher(kernel)
     for _ in range(2):
-        launcher.launch(1, (_FakeTensor(4096), _FakeTensor(8194)), (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+        launcher.launch(1, (_FakeTensor(4096), _FakeTensor(8194)), (5, 64), constexprs, (4, 2), BF16)  # type: ignore[arg-type]
     assert len(kernel.slow) == 2
     # Disabled (POLYLORA_FAST_LAUNCH=0).
     kernel = _FakeJit()
     launcher = _launcher(kernel, enabled=False)
     for _ in range(2):
-        launcher.launch(1, aligned, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+        launcher.launch(1, aligned, (5, 64), constexprs, (4, 2), BF16)  # type: ignore[arg-type]
     assert len(kernel.slow) == 2
-    # A launch hook (a profiler) must see every launch.
-    kernel = _FakeJit()
-    launcher = _launcher(kernel)
-    knobs.launch_enter_hook = print
-    for _ in range(2):
-        launcher.launch(1, aligned, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
-    assert len(kernel.slow) == 2
-    knobs.launch_enter_hook = None
+    # A launch hook (a profiler's, in the chain or set directly) must see every launch.
+    for hook in ("chain", "plain"):
+        kernel = _FakeJit()
+        launcher = _launcher(kernel)
+        if hook == "chain":
+            knobs.launch_exit_hook.calls.append(print)
+        else:
+            knobs.launch_enter_hook = print  # type: ignore[assignment]
+        for _ in range(2):
+            launcher.launch(1, aligned, (5, 64), constexprs, (4, 2), BF16)  # type: ignore[arg-type]
+        assert len(kernel.slow) == 2
+        knobs.launch_enter_hook, knobs.launch_exit_hook = _HookChain(), _HookChain()
     # Constexprs that are not the trailing parameters in this order cannot be appended blindly.
     kernel = _FakeJit()
     launcher = _launcher(kernel)
     for _ in range(2):
-        launcher.launch(1, aligned, (5, 64), {"FLAG": False, "BLOCK": 16}, (4, 2))  # type: ignore[arg-type]
+        launcher.launch(1, aligned, (5, 64), {"FLAG": False, "BLOCK": 16}, (4, 2), BF16)  # type: ignore[arg-type]
     assert len(kernel.slow) == 2
     # A swapped kernel object (a test's monkeypatch) is never served from the old one's cache.
     first, second = _FakeJit(), _FakeJit()
     current = [first]
     launcher = FastLauncher(lambda: current[0], enabled=True)
     launcher._stream_of, launcher._device_getter = (lambda device: 0), (lambda: 0)
-    launcher.launch(1, aligned, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    launcher.launch(1, aligned, (5, 64), constexprs, (4, 2), BF16)  # type: ignore[arg-type]
     current[0] = second
-    launcher.launch(1, aligned, (5, 64), constexprs, (4, 2))  # type: ignore[arg-type]
+    launcher.launch(1, aligned, (5, 64), constexprs, (4, 2), BF16)  # type: ignore[arg-type]
     assert len(first.slow) == len(second.slow) == 1
 
 

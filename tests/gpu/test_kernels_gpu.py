@@ -172,11 +172,17 @@ def split_configs(case: Case, dtype: torch.dtype) -> dict[str, SgmvConfig]:
     }
 
 
+def fused_config(case: Case, dtype: torch.dtype) -> dict[str, SgmvConfig]:
+    """The table's fused entry (also at decode, where it is not the default)."""
+    decode = case.tokens <= sgmv_module.DECODE_MAX_TOKENS_PER_ROW
+    return {"fused_config": sgmv_module.launch_config("fused", decode, dtype, case.out_features, case.max_rank)}
+
+
 def run_and_check(
     case: Case, dtype: torch.dtype, g: torch.Generator, layout: str = "contiguous", path: str = "default", **configs
 ):
-    """``path``: "default" (checked entry, fused up to rank 128), "split" (the table's halves),
-    "trusted" (lora_apply_trusted_, twice: the second call takes the cached launch)."""
+    """``path``: "default" (checked entry, the table's plan), "split" (the halves), "fused" (the fused
+    kernel), "trusted" (lora_apply_trusted_, twice: the second call takes the cached launch)."""
     inp = make_inputs(case, dtype, g, layout)
     y_in = inp.y.clone()
     y_ref = reference_y(inp, y_in, case.rows)
@@ -190,6 +196,8 @@ def run_and_check(
     else:
         if path == "split":
             configs = {**split_configs(case, dtype), **configs}
+        elif path == "fused" and case.max_rank <= sgmv_module.FUSED_MAX_RANK:
+            configs = {**fused_config(case, dtype), **configs}
         lora_apply_triton_(inp.y, inp.x, inp.a_kernel, inp.b_kernel, inp.ranks, inp.scales, meta, **configs)
     torch.cuda.synchronize()
     assert_matches_reference(inp.y, y_in, y_ref, case.rows, case.ranks, dtype)
@@ -221,7 +229,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("path", ["default", "split", "trusted"])
+@pytest.mark.parametrize("path", ["default", "split", "fused", "trusted"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name: str, dtype: torch.dtype, path: str, gen: torch.Generator) -> None:
@@ -271,9 +279,20 @@ def test_unaligned_activations_take_triton_specialisation(name: str, gen: torch.
     assert_matches_reference(y, inp.y, reference_y(inp, inp.y, case.rows), case.rows, case.ranks, dtype)
 
 
-def test_trusted_entry_runs_on_the_current_stream(gen: torch.Generator) -> None:
-    """The cached launch is queued on the caller's current stream, after that stream's work."""
-    case, dtype = CASES["prefill-5rows-300-odd"], torch.bfloat16
+@pytest.mark.parametrize("name", ["decode-3rows-distinct", "prefill-37-several"])
+def test_cached_launches_of_one_shape_in_every_dtype(name: str, gen: torch.Generator) -> None:
+    """The same shapes in fp16, then bf16, then fp32, in one process: each dtype its own compiled
+    kernel (device run 2, 2026-11-28: the cache key lacked the dtype and bf16 ran the fp16 code)."""
+    case = CASES[name]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.bfloat16):
+        run_and_check(case, dtype, gen, path="trusted")
+
+
+@pytest.mark.parametrize("name", ["prefill-5rows-300-odd", "decode-64rows-4096"])
+def test_trusted_entry_runs_on_the_current_stream(name: str, gen: torch.Generator) -> None:
+    """The cached launches (at decode: the shrink and the expand) are queued on the caller's current
+    stream, after that stream's work."""
+    case, dtype = CASES[name], torch.bfloat16
     inp = make_inputs(case, dtype, gen)
     meta = build_batch_meta(case.rows, DEVICE)
     y_ref = reference_y(inp, inp.y, case.rows)
