@@ -27,7 +27,7 @@ for step in $steps; do
         ktests)  # pytest-xdist (on the GPU image) compiles in parallel; pytest-benchmark must be off with it
                  # (its "disabled under xdist" warning is an error under -W error).
                  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12 -p no:benchmark")
-                 timeout 100 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider -x $xdist > "$OUT/gpu_tests.log" 2>&1
+                 timeout 150 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider $xdist > "$OUT/gpu_tests.log" 2>&1
                  rc=$?; if [ -n "$xdist" ] && [ $rc -ge 3 ] && [ $rc -le 4 ]; then
                      timeout 110 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider -x -p no:benchmark >> "$OUT/gpu_tests.log" 2>&1; fi
                  tail -25 "$OUT/gpu_tests.log" ;;
@@ -36,7 +36,7 @@ for step in $steps; do
         khost)   timeout 40 python3 benchmarks/sweep_kernels.py --host-only --json "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -20 ;;
         modelfast) timeout 120 python3 benchmarks/bench_model.py --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -8 ;;
         model)   timeout 300 python3 benchmarks/bench_model.py --peft --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -8 ;;
-        store)   timeout 200 python3 benchmarks/bench_cold_load.py --json "$OUT/cold_load.json" 2>&1 | tee "$OUT/cold_load.log" | tail -20 ;;
+        store)   timeout 150 python3 benchmarks/bench_cold_load.py --json "$OUT/cold_load.json" 2>&1 | tee "$OUT/cold_load.log" | tail -20 ;;
         runtime) timeout 300 python3 benchmarks/bench_runtime.py --json "$OUT/runtime.json" 2>&1 | tee "$OUT/runtime.log" | tail -25 ;;
         profile) timeout 200 python3 benchmarks/profile_model.py 2>&1 | tee "$OUT/profile.log" | head -60 ;;
         storegpu) timeout 200 python3 -m pytest -m gpu tests/gpu/test_store_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/store_gpu.log" | tail -15 ;;

@@ -71,8 +71,10 @@ class MultiLoraLinear(nn.Module):
             self.slot_ranks[slot] = r
             self.slot_scales[slot] = lora.scale
         self._active = tuple(r > 0 for r in self.slot_ranks)
-        self._ranks_dev[slot] = self.slot_ranks[slot]
-        self._scales_dev[slot] = self.slot_scales[slot]
+        # fill_ with a Python number is a kernel on the current (copy) stream; item assignment
+        # (`t[slot] = value`) may copy a host scalar instead, which waits for the stream's work.
+        self._ranks_dev[slot : slot + 1].fill_(self.slot_ranks[slot])
+        self._scales_dev[slot : slot + 1].fill_(self.slot_scales[slot])
 
     def _slot_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ranks_dev.device != device:

@@ -97,7 +97,7 @@ class Setup:
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double().cpu() - ref).norm() / ref.norm())
+    return float((out.detach().double().cpu() - ref).norm() / ref.norm())
 
 
 def test_staged_weights_are_pinned_and_copy_friendly(tmp_path: Path) -> None:
