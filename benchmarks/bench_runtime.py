@@ -168,7 +168,8 @@ async def saturation_and_latency(device: str, quick: bool) -> dict[str, Any]:
         for i in range(shape["adapters"]):
             runtime.register_adapter(f"a{i}", synthetic_adapter(layer_shapes, shape["rank"], seed=i))
         await runtime.store.preload([f"a{i}" for i in range(shape["adapters"])], pin=True)
-        await closed_loop(runtime, requests[: shape["batch"] * 2], shape["batch"])  # warm-up
+        # Warm-up over the whole request set: every padded length the measured runs will see.
+        await closed_loop(runtime, requests, shape["batch"])
         resident = runtime.store.gpu_resident()
         slot_of = {}
         for i in range(shape["adapters"]):
@@ -275,7 +276,7 @@ async def cold_adapters(device: str, quick: bool) -> dict[str, Any]:
                 for name in hot + cold:
                     runtime.register_adapter(name, Path(tmp) / name)
                 await runtime.store.preload(hot, pin=True)
-                await closed_loop(runtime, hot_only[: shape["batch"]], shape["batch"])
+                await closed_loop(runtime, hot_only, shape["batch"])  # warm-up: every padded length
                 sat = await closed_loop(runtime, hot_only[: 4 * shape["batch"]], 2 * shape["batch"])
                 lat = await open_loop(runtime, traffic, rate=0.5 * sat, seed=3, track=set(hot))
                 stats = runtime.statistics()

@@ -198,7 +198,10 @@ def _add_projection(
         y_cur = y_next
 
 
-@triton.jit
+# Per-batch integers are not specialised on (value 1, divisibility by 16): a server sees every batch
+# size and padded length, and each new specialisation is a compilation of a second or more in the
+# middle of serving. They only offset whole rows, so the hints bought nothing measurable.
+@triton.jit(do_not_specialize=["num_rows", "tokens_per_row", "stride_y_b", "stride_x_b"])
 def _sgmv_fused_kernel(
     # Pointers
     y_ptr,  # [B, T, out], updated in place
@@ -270,7 +273,7 @@ def _sgmv_fused_kernel(
         )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "tokens_per_row", "stride_x_b"])
 def _sgmv_shrink_kernel(
     # Pointers
     x_ptr,  # [B, T, in]
@@ -331,7 +334,7 @@ def _sgmv_shrink_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "tokens_per_row", "stride_y_b"])
 def _sgmv_expand_kernel(
     # Pointers
     y_ptr,  # [B, T, out], updated in place

@@ -75,6 +75,8 @@ class RuntimeConfig:
         lookahead: queued requests whose adapters are prefetched ahead of batch formation.
         max_inflight_batches: batches handed to the worker at once (2: one runs while the next
             batch's adapter copies and input uploads proceed).
+        pad_to_multiple: batches are padded to a length that is a multiple of this (16: fewer
+            distinct shapes for the model's kernels, at most 15 padding tokens per row).
         pad_values: padding value per input name (default 0).
         attention_mask: add an ``attention_mask`` input when requests carry none; ``None``
             means "if the model's forward accepts one".
@@ -95,6 +97,7 @@ class RuntimeConfig:
     length_bucketing: bool = False
     lookahead: int = 256
     max_inflight_batches: int = 2
+    pad_to_multiple: int = 16
     pad_values: Mapping[str, int | float] = field(default_factory=dict)
     attention_mask: bool | None = None
     results_on_cpu: bool = True
@@ -102,7 +105,14 @@ class RuntimeConfig:
     prefetch: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "lookahead", "max_inflight_batches"):
+        for name in (
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_queue",
+            "lookahead",
+            "max_inflight_batches",
+            "pad_to_multiple",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}")
@@ -740,7 +750,8 @@ class Runtime:
                 anchor = anchor or request.length
                 if not anchor / 2 < request.length <= anchor * 2:
                     continue
-            new_width = max(width, request.length)
+            padded = min(-(-request.length // cfg.pad_to_multiple) * cfg.pad_to_multiple, cfg.max_batch_tokens)
+            new_width = max(width, padded)
             if new_width * (len(chosen) + 1) > cfg.max_batch_tokens:
                 continue
             chosen.append(request)

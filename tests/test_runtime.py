@@ -162,7 +162,7 @@ async def test_bad_inputs_are_refused_at_submit(adapters: dict[str, Path]) -> No
 
 
 async def test_fault_in_a_batch_fails_only_that_batch() -> None:
-    runtime, _, tiny = _runtime(max_inflight_batches=1)
+    runtime, _, tiny = _runtime(max_inflight_batches=1, pad_to_multiple=1)  # padding is token 0 too
     async with runtime:
         first = await _blocked(runtime, tiny)
         tiny.poison_token = 0  # token 0 never occurs in _ids, only in this request
