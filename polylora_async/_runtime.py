@@ -73,8 +73,9 @@ class RuntimeConfig:
         length_bucketing: batch requests of similar length together (lengths within a factor of
             two of the oldest request's) to waste less compute on padding.
         lookahead: queued requests whose adapters are prefetched ahead of batch formation.
-        max_inflight_batches: batches handed to the worker at once (2: one runs while the next
-            batch's adapter copies and input uploads proceed).
+        max_inflight_batches: batches handed to the worker at once (2: the next batch is launched
+            while the device still runs the current one). A second batch is only formed when the
+            queue can fill it; otherwise the queue keeps filling until the running batch completes.
         pad_to_multiple: batches are padded to a length that is a multiple of this (16: fewer
             distinct shapes for the model's kernels, at most 15 padding tokens per row).
         pad_values: padding value per input name (default 0).
@@ -225,6 +226,7 @@ class Runtime:
         self._inflight: set[asyncio.Task[None]] = set()
         self._watchers: dict[object, asyncio.Task[None]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._completer: concurrent.futures.ThreadPoolExecutor | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
         self._state: Literal["new", "running", "closing", "closed", "crashed"] = "new"
         self._crash: BaseException | None = None
@@ -263,6 +265,7 @@ class Runtime:
         self._wakeup = asyncio.Event()
         self._room = asyncio.Condition()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="polylora-gpu")
+        self._completer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="polylora-done")
         self._state = "running"
         self._scheduler_task = self._loop.create_task(self._scheduler(), name="polylora-scheduler")
 
@@ -292,8 +295,9 @@ class Runtime:
         self._fail_pending(lambda: RuntimeClosedError("the runtime closed before this request ran"))
         if self._state != "crashed":
             self._state = "closed"
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        for pool in (self._executor, self._completer):
+            if pool is not None:
+                pool.shutdown(wait=True)
         await self.store.aclose()
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -630,6 +634,13 @@ class Runtime:
                 if len(self._inflight) >= self.config.max_inflight_batches:
                     await self._wait_wakeup(None)
                     continue
+                if self._inflight and self._state == "running" and not self._queue_can_fill():
+                    # The device is busy: let the queue grow into a full batch (or until the
+                    # running batch completes) rather than queue a small batch behind it. Every
+                    # batch has a fixed host cost; small batches behind a busy device only add up
+                    # to queueing.
+                    await self._wait_wakeup(None)
+                    continue
                 oldest = next(iter(self._pending.values()))
                 deadline = oldest.submitted + self.config.max_wait
                 now = time.perf_counter()
@@ -797,7 +808,19 @@ class Runtime:
                 if not request.future.done():
                     request.future.set_exception(_crash_error(exc))
             return
-        lease.release(done_event)
+        lease.release(done_event)  # slot reuse is ordered after `done_event` on the device
+        if outcome == "pending":
+            # The forward was only launched: wait for the device and slice rows in the completion
+            # thread, while the worker thread already launches the next batch.
+            assert self._completer is not None
+            try:
+                outcome, payload = await self._loop.run_in_executor(self._completer, self._complete, batch, payload)
+            except BaseException as exc:
+                self._crashed(exc)
+                for request in batch.requests:
+                    if not request.future.done():
+                        request.future.set_exception(_crash_error(exc))
+                return
         self.metrics.batch_duration(time.perf_counter() - started)
         while self._splits_reported < self.model.split_batches:  # run in adapter-homogeneous groups
             self._splits_reported += 1
@@ -817,21 +840,41 @@ class Runtime:
     # -- the worker thread --------------------------------------------------------------------------
 
     def _execute(self, batch: _Batch, lease: Any) -> tuple[str, Any, Any]:
-        """Runs in the worker thread: collate, wait for slot copies, forward, slice rows."""
+        """Runs in the worker thread: collate, order after slot copies, launch the forward.
+
+        On CUDA it returns as soon as the forward and the copy of its output into pinned host
+        memory are queued ("pending"), so this thread can launch the next batch while the device
+        works; :meth:`_complete` waits for the device in another thread. On the CPU the forward is
+        already done and the rows are sliced here.
+        """
         inputs = self._collate(batch)
         lease.wait_copies()
         try:
             with torch.inference_mode():
                 outputs = self.model.forward_slots(batch.slots, **inputs)
                 selected = self._select(outputs)
-                rows = self._split_rows(selected, batch)
+                _check_rows(selected, batch)
+                if selected.is_cuda:
+                    if self.config.results_on_cpu:
+                        host = torch.empty(selected.shape, dtype=selected.dtype, pin_memory=True)
+                        host.copy_(selected, non_blocking=True)
+                        selected = host
+                    done = torch.cuda.Event()
+                    done.record()
+                    return "pending", (selected, done), done
+                return "ok", self._split_rows(selected, batch), None
         except Exception as exc:  # the model or the output hook failed: this batch only
             return "error", exc, None
-        done = None
-        if selected.is_cuda:
-            done = torch.cuda.Event()
-            done.record()
-        return "ok", rows, done
+
+    def _complete(self, batch: _Batch, pending: tuple[torch.Tensor, Any]) -> tuple[str, Any]:
+        """Runs in the completion thread: wait for the batch's device work, then slice rows."""
+        selected, done = pending
+        try:
+            done.synchronize()
+            with torch.inference_mode():
+                return "ok", self._split_rows(selected, batch)
+        except Exception as exc:  # a device error surfaced by the wait: this batch only
+            return "error", exc
 
     def _collate(self, batch: _Batch) -> dict[str, torch.Tensor]:
         device = self.model.device
@@ -857,11 +900,6 @@ class Runtime:
         return out
 
     def _split_rows(self, selected: torch.Tensor, batch: _Batch) -> list[torch.Tensor]:
-        if selected.dim() == 0 or selected.shape[0] != len(batch.requests):
-            raise TypeError(
-                f"the selected output has shape {tuple(selected.shape)}; its first dimension must be the "
-                f"batch's {len(batch.requests)} rows"
-            )
         per_token = selected.dim() >= 2 and selected.shape[1] == batch.width
         if self.config.results_on_cpu and selected.device.type != "cpu":
             selected = selected.to("cpu")
@@ -878,6 +916,14 @@ class Runtime:
         self._crash = exc
         self._fail_pending(lambda: _crash_error(exc))
         self._wake()
+
+
+def _check_rows(selected: torch.Tensor, batch: _Batch) -> None:
+    if selected.dim() == 0 or selected.shape[0] != len(batch.requests):
+        raise TypeError(
+            f"the selected output has shape {tuple(selected.shape)}; its first dimension must be the "
+            f"batch's {len(batch.requests)} rows"
+        )
 
 
 def _crash_error(exc: BaseException) -> WorkerCrashedError:
