@@ -284,3 +284,16 @@ def test_replacing_an_adapter_serves_the_new_version(served, llama_set: AdapterS
     after = probe()
     assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])
     assert not torch.allclose(after[0], before[0])
+
+
+def test_huge_but_finite_weights_are_accepted(served, llama_set: AdapterSet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model, _ = served
+    path = _variant(llama_set, tmp_path)
+    key = "base_model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def huge(t: dict[str, torch.Tensor]) -> None:  # finite values whose sum overflows float32
+        t[key] = torch.full_like(t[key], 3e38)
+
+    _edit_tensors(path, huge)
+    model.load_adapter("huge", path)
+    assert "huge" in model.loaded_adapters
