@@ -249,3 +249,70 @@ async def test_state_and_explicit_adapter_load(adapters: dict[str, Path]) -> Non
         out = await runtime.submit({"input_ids": _ids(4, 4)}, "ad3")
         torch.testing.assert_close(out.double(), reference(tiny, adapters["ad3"], _ids(4, 4)), **TOL)
     assert runtime.state == "closed"
+
+
+async def test_length_bucketing_cuts_padding_and_keeps_results(adapters: dict[str, Path]) -> None:
+    rng = random.Random(3)
+    plan = [(f"ad{i % 4}", _ids(rng.choice([2, 3, 30, 31]), seed=i)) for i in range(96)]
+    padded = {}
+    for bucketing in (False, True):
+        runtime, _, tiny = _runtime(max_batch_size=16, pad_to_multiple=1, length_bucketing=bucketing, max_wait=0.05)
+        async with runtime:
+            for i in range(4):
+                runtime.register_adapter(f"ad{i}", adapters[f"ad{i}"])
+            await runtime.load_adapter("ad0")
+            results = await asyncio.gather(*(runtime.submit({"input_ids": ids}, name) for name, ids in plan))
+            stats = runtime.statistics()
+        for (name, ids), out in zip(plan, results, strict=True):
+            torch.testing.assert_close(out.double(), reference(tiny, adapters[name], ids), **TOL)
+        padded[bucketing] = stats.padded_tokens / stats.real_tokens
+    assert padded[True] < 0.8 * padded[False], padded
+
+
+async def test_a_cold_adapter_is_not_passed_over_beyond_the_starvation_limit(adapters: dict[str, Path]) -> None:
+    # One slot: a batch holds one adapter. "hot" keeps the queue full; loading "cold" is held back
+    # (gated) so that hot batches keep passing it over. After `starvation_limit` of them the
+    # scheduler must stop forming batches until cold is ready, then serve it first.
+    limit = 3
+    runtime, _, tiny = _runtime(num_slots=1, max_batch_size=4, starvation_limit=limit, max_inflight_batches=1)
+    load_gate, starving = asyncio.Event(), asyncio.Event()
+    ensure_gpu = runtime.store.ensure_gpu
+
+    async def gated_ensure_gpu(ref, **kwargs):  # type: ignore[no-untyped-def]
+        if ref.adapter_id == "cold":
+            await load_gate.wait()
+        return await ensure_gpu(ref, **kwargs)
+
+    form_batch = runtime._form_batch
+
+    def watched_form_batch():  # type: ignore[no-untyped-def]
+        batch = form_batch()
+        oldest = next(iter(runtime._pending.values()), None)
+        if batch is None and oldest is not None and oldest.passed_over >= limit:
+            starving.set()
+        return batch
+
+    runtime.store.ensure_gpu = gated_ensure_gpu  # type: ignore[method-assign]
+    runtime._form_batch = watched_form_batch  # type: ignore[method-assign]
+    async with runtime:
+        runtime.register_adapter("hot", adapters["ad1"])
+        runtime.register_adapter("cold", adapters["ad2"])
+        await runtime.load_adapter("hot")
+        first = await _blocked(runtime, tiny)  # hold the worker so the queue builds up in order
+        cold = asyncio.ensure_future(runtime.submit({"input_ids": _ids(5, 99)}, "cold"))
+        hot = [asyncio.ensure_future(runtime.submit({"input_ids": _ids(3, 10 + i)}, "hot")) for i in range(40)]
+        await asyncio.sleep(0)
+        assert tiny.gate is not None
+        tiny.gate.set()
+        await first
+        before = runtime.statistics().batches
+        await asyncio.wait_for(starving.wait(), timeout=30)
+        passed_over = runtime.statistics().batches - before
+        assert not cold.done()
+        load_gate.set()
+        out = await cold
+        hot_left = sum(not h.done() for h in hot)
+        await asyncio.gather(*hot)
+    torch.testing.assert_close(out.double(), reference(tiny, adapters["ad2"], _ids(5, 99)), **TOL)
+    assert passed_over == limit, passed_over  # exactly `limit` hot batches went ahead of it
+    assert hot_left > 0  # and it was served while hot requests were still waiting
