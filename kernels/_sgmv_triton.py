@@ -202,7 +202,7 @@ def _add_projection(
 # and each new specialisation is a compilation of a second or more in the middle of serving; it
 # only bounds masks. The per-row strides stay specialised: not specialising them (so the compiler
 # cannot prove each row's 16-byte alignment) cost the Llama-shaped model +13.5% -> +21.2% on the
-# H200 (device run 9, 2026-11-28). With the runtime's padding to multiples of 16 they keep one
+# H200 (GPU run of 2026-11-28, benchmarks/RESULTS.md). With the runtime's padding to multiples of 16 they keep one
 # specialisation across batches.
 @triton.jit(do_not_specialize=["num_rows"])
 def _sgmv_fused_kernel(

@@ -496,7 +496,7 @@ def _apply_plan(
         raise ValueError("pass either `fused_config` or `shrink_config`/`expand_config`, not both")
     decode_like = tokens <= DECODE_MAX_TOKENS_PER_ROW
     # fp32 takes the two halves: on the H200 (triton 3.6) the fused kernel's fp32 (tf32) variant
-    # failed with "misaligned address" at rank 64 (device run 3, 2026-11-28), the halves did not.
+    # failed with "misaligned address" at rank 64 (GPU run of 2026-11-28), the halves did not.
     fused_ok = dtype != torch.float32 and max_rank <= FUSED_MAX_RANK
     if fused_config is not None or (not split_requested and not decode_like and fused_ok):
         cfg = _config("fused", fused_config, tokens, dtype, out_features, max_rank)

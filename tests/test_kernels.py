@@ -1,7 +1,7 @@
 """The Triton SGMV kernels against the fp64 torch reference, in triton's interpreter (CPU CI).
 
 The interpreter runs each program of a grid in Python (~1-2 ms per loop step), so the shapes are
-small and the grid of cases is a chosen list, not a cartesian product: every axis of the brief
+small and the grid of cases is a chosen list, not a cartesian product: every axis of the test plan
 (rows, tokens per row, odd hidden sizes, ranks, adapters per batch, rank-0 rows, dtypes, strided
 activations, split-K and rank loops) is covered by some case.
 
@@ -843,7 +843,7 @@ def test_fast_launcher_caches_a_specialisation_and_launches_it_directly(monkeypa
     launcher.launch(9, tensors, (5, 64), constexprs, (8, 2), BF16)  # type: ignore[arg-type]
     launcher.launch(9, tensors, (5, 64), {"BLOCK": 32, "FLAG": False}, (4, 2), BF16)  # type: ignore[arg-type]
     assert len(kernel.slow) == 4
-    # Another dtype of the same shapes is another specialisation (device run 2 found a bf16 call
+    # Another dtype of the same shapes is another specialisation (an H200 run found a bf16 call
     # served by the fp16 compilation when the key lacked it).
     launcher.launch(9, tensors, (5, 64), constexprs, (4, 2), torch.float16)  # type: ignore[arg-type]
     assert len(kernel.slow) == 5

@@ -282,7 +282,7 @@ def test_unaligned_activations_take_triton_specialisation(name: str, gen: torch.
 @pytest.mark.parametrize("name", ["decode-3rows-distinct", "prefill-37-several"])
 def test_cached_launches_of_one_shape_in_every_dtype(name: str, gen: torch.Generator) -> None:
     """The same shapes in fp16, then bf16, then fp32, in one process: each dtype its own compiled
-    kernel (device run 2, 2026-11-28: the cache key lacked the dtype and bf16 ran the fp16 code)."""
+    kernel (H200 run of 2026-11-28: the cache key lacked the dtype and bf16 ran the fp16 code)."""
     case = CASES[name]
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.bfloat16):
         run_and_check(case, dtype, gen, path="trusted")
