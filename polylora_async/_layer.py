@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -76,10 +78,21 @@ class MultiLoraLinear(nn.Module):
         self._ranks_dev[slot : slot + 1].fill_(self.slot_ranks[slot])
         self._scales_dev[slot : slot + 1].fill_(self.slot_scales[slot])
 
-    def _slot_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._ranks_dev.device != device:
-            self._ranks_dev = self._ranks_dev.to(device)
-            self._scales_dev = self._scales_dev.to(device)
+    def _apply(self, fn: Any, recurse: bool = True) -> MultiLoraLinear:
+        # The rank/scale tables are not buffers (a dtype cast of the model must not touch them:
+        # int32 ranks, fp32 scales), but they must follow the module's device moves, so a slot
+        # write never races with a lazy move in a forward pass.
+        super()._apply(fn, recurse)
+        device = self.lora_a.device
+        self._ranks_dev = self._ranks_dev.to(device)
+        self._scales_dev = self._scales_dev.to(device)
+        return self
+
+    def _slot_tables(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device rank/scale tables, on ``like``'s device (ints compared: cheap on the hot path)."""
+        if self._ranks_dev.get_device() != like.get_device():
+            self._ranks_dev = self._ranks_dev.to(like.device)
+            self._scales_dev = self._scales_dev.to(like.device)
         return self._ranks_dev, self._scales_dev
 
     # -- forward --------------------------------------------------------------------------------
@@ -98,9 +111,7 @@ class MultiLoraLinear(nn.Module):
             # arguments are this layer's own buffers and the batch's metadata, valid by construction,
             # so the kernels' argument checks are skipped (lora_apply_trusted_). A [B, T, H] input
             # (the usual case) is passed as it is, without new views.
-            ranks, scales = self._ranks_dev, self._scales_dev
-            if ranks.get_device() != y.get_device():  # ints: cheaper than comparing torch.device objects
-                ranks, scales = self._slot_tables(y.device)
+            ranks, scales = self._slot_tables(y)
             if x.dim() == 3:
                 lora_apply_trusted_(y, x, self.lora_a, self.lora_b, ranks, scales, meta)
             else:
@@ -128,7 +139,7 @@ class MultiLoraLinear(nn.Module):
         plan = ctx.shared_plan(self._active, y.device)
         if not plan.distinct:
             return y
-        ranks, scales = self._slot_tables(y.device)
+        ranks, scales = self._slot_tables(y)
         if plan.rows_to_group is None:  # one adapter for every row in this layer
             lora_apply_trusted_(
                 y.view(1, -1, self.out_features),

@@ -402,11 +402,6 @@ class AdapterStore:
         self._pin = config.pin_memory if config.pin_memory is not None else model.device.type == "cuda"
         self.catalog = AdapterCatalog(resolver, on_version_dead=self._on_version_dead)
         self._writer = SlotWriter(model)
-        if self._writer.stream is not None:
-            # The layers move their per-slot rank/scale tables to the device lazily, in the first
-            # forward; a slot write racing with that move could be lost. Move them now.
-            for layer in model.iter_layers():
-                layer._slot_tables(model.device)
         self._gpu = GpuSlots(model.config.num_slots, config.min_residency_s, clock)
         self._cpu = CpuTier(config.cpu_bytes, demand_of=self._demand_of)
         self._disk = (

@@ -120,3 +120,13 @@ def test_in_memory_peft_model_and_state_dict_sources(llama_set: AdapterSet) -> N
     torch.testing.assert_close(
         out[1:2], llama_set.solo(names[2], input_ids=ids[1:], attention_mask=mask[1:]), **FP32_TOL
     )
+
+
+def test_slot_tables_follow_device_moves_and_keep_their_dtypes(llama_set: AdapterSet) -> None:
+    model = _wrap(llama_set, LLAMA_TARGETS)
+    model.to(torch.float64)
+    for layer in model.iter_layers():
+        assert layer.lora_a.dtype == torch.float64
+        ranks, scales = layer._slot_tables(layer.lora_a)
+        assert ranks.dtype == torch.int32 and scales.dtype == torch.float32
+        assert ranks.device == layer.lora_a.device
