@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +37,10 @@ class BatchContext:
     def num_rows(self) -> int:
         return self.meta.num_rows
 
-    def derived(self, key: object, device: torch.device, build: object) -> object:
+    def derived(self, key: object, device: torch.device, build: Callable[[], object]) -> object:
         """Cache a value derived from host data for the rest of this batch."""
         full_key = (key, str(device))
         if full_key not in self._derived:
-            assert callable(build)
             self._derived[full_key] = build()
         return self._derived[full_key]
 

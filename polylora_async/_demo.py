@@ -27,7 +27,7 @@ from ._config import BASE_ADAPTER, WrapConfig
 from ._exposition import serve_metrics
 from ._model import MultiLoraModel
 from ._runtime import Runtime, RuntimeConfig
-from ._store import StoreConfig
+from ._store import StoreConfig, StoreStatistics
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Tolerance of a runtime row against the solo PEFT row, relative to the row's norm. fp32: only
@@ -251,30 +251,14 @@ def _summary(
     print(f"results      {len(done)} checked against solo PEFT runs: {verdict}; demo took {total:.1f} s")
 
 
-def _tier_lines(store_stats: Any) -> list[str]:
+def _tier_lines(store_stats: StoreStatistics) -> list[str]:
     lines = []
-    for tier in ("gpu", "cpu", "disk"):
-        hits = _tier_value(store_stats, tier, "hits")
-        misses = _tier_value(store_stats, tier, "misses")
-        if hits is None or misses is None:
+    for name, tier in (("gpu", store_stats.gpu), ("cpu", store_stats.cpu), ("disk", store_stats.disk)):
+        if tier is None:  # no disk tier configured
             continue
-        rate = 100.0 * hits / max(hits + misses, 1)
-        lines.append(f"tier {tier:4s}    hits {hits:5d}  misses {misses:5d}  hit rate {rate:5.1f}%")
+        rate = 100.0 * tier.hits / max(tier.hits + tier.misses, 1)
+        lines.append(f"tier {name:4s}    hits {tier.hits:5d}  misses {tier.misses:5d}  hit rate {rate:5.1f}%")
     return lines
-
-
-def _tier_value(store_stats: Any, tier: str, what: str) -> int | None:
-    for candidate in (f"{tier}_{what}", f"{what}_{tier}"):
-        value = getattr(store_stats, candidate, None)
-        if isinstance(value, int):
-            return value
-    per_tier = (
-        getattr(store_stats, tier, None) or getattr(store_stats, "tiers", {}).get(tier)
-        if hasattr(store_stats, "tiers")
-        else getattr(store_stats, tier, None)
-    )
-    value = getattr(per_tier, what, None)
-    return value if isinstance(value, int) else None
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

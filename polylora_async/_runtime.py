@@ -38,7 +38,7 @@ from ._errors import (
 )
 from ._metrics import RuntimeMetrics
 from ._model import MultiLoraModel
-from ._store import AdapterRef, AdapterStore, StoreConfig
+from ._store import AdapterRef, AdapterStore, BatchLease, StoreConfig, StoreStatistics
 
 OutputSelector = Callable[[Any], torch.Tensor]
 
@@ -143,7 +143,7 @@ class RuntimeStatistics:
     padded_tokens: int
     real_tokens: int
     split_batches: int
-    store: Any
+    store: StoreStatistics
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,7 @@ class _Batch:
     requests: list[_Request]
     slots: list[int]
     width: int
+    lease: BatchLease
 
 
 class Runtime:
@@ -781,14 +782,13 @@ class Runtime:
             self._unqueue(request)
             request.dispatched = now
         slots = [0 if r.ref is None else lease.slot_of(r.ref) for r in chosen]
-        batch = _Batch(requests=chosen, slots=slots, width=width)
-        batch.lease = lease  # type: ignore[attr-defined]
+        batch = _Batch(requests=chosen, slots=slots, width=width, lease=lease)
         self.metrics.set_queue_depth(len(self._pending))
         return batch
 
     async def _run_batch(self, batch: _Batch) -> None:
         assert self._loop is not None and self._executor is not None
-        lease = batch.lease  # type: ignore[attr-defined]
+        lease = batch.lease
         distinct = len(set(batch.slots))
         self._stats["batches"] += 1
         self._stats["mixed_batches"] += distinct > 1
@@ -800,7 +800,7 @@ class Runtime:
         started = time.perf_counter()
         done_event = None
         try:
-            outcome, payload, done_event = await self._loop.run_in_executor(self._executor, self._execute, batch, lease)
+            outcome, payload, done_event = await self._loop.run_in_executor(self._executor, self._execute, batch)
         except BaseException as exc:  # the worker machinery itself failed
             lease.release(None)
             self._crashed(exc)
@@ -839,7 +839,7 @@ class Runtime:
 
     # -- the worker thread --------------------------------------------------------------------------
 
-    def _execute(self, batch: _Batch, lease: Any) -> tuple[str, Any, Any]:
+    def _execute(self, batch: _Batch) -> tuple[str, Any, Any]:
         """Runs in the worker thread: collate, order after slot copies, launch the forward.
 
         On CUDA it returns as soon as the forward and the copy of its output into pinned host
@@ -848,7 +848,7 @@ class Runtime:
         already done and the rows are sliced here.
         """
         inputs = self._collate(batch)
-        lease.wait_copies()
+        batch.lease.wait_copies()
         try:
             with torch.inference_mode():
                 outputs = self.model.forward_slots(batch.slots, **inputs)
