@@ -473,14 +473,13 @@ class Runtime:
     async def _wait_for_room(self, deadline: float | None) -> None:
         assert self._room is not None
         self._room_waiters += 1
+        started = time.perf_counter()
         try:
             async with asyncio.timeout_at(deadline), self._room:
-                await self._room.wait_for(
-                    lambda: len(self._pending) < self.config.max_queue or self._state != "running"
-                )
+                await self._room.wait_for(self._has_room)
         except TimeoutError:
             self._stats["timed_out"] += 1
-            self.metrics.request_done("timeout", 0.0)
+            self.metrics.request_done("timeout", time.perf_counter() - started)
             raise RequestTimeoutError("no room in the queue before the request's timeout") from None
         finally:
             self._room_waiters -= 1
