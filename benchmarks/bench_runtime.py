@@ -32,23 +32,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import synthetic_adapter
+from benchmarks.bench_model import LLAMA_TARGETS, build_llama
 from polylora_async import BASE_ADAPTER, MultiLoraModel, Runtime, RuntimeConfig, StoreConfig, WrapConfig
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(device: str, quick: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The Llama-shaped model of the model-level benchmark on CUDA; a small one on the CPU."""
     from transformers import LlamaConfig, LlamaModel
 
+    torch.manual_seed(0)
     if device == "cuda" and not quick:
-        cfg = LlamaConfig(
-            hidden_size=2048,
-            intermediate_size=5504,
-            num_hidden_layers=8,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            vocab_size=32000,
-        )
+        model = build_llama(quick=False)
         shape = {"lengths": (192, 256), "requests": 512, "adapters": 16, "rank": 16, "batch": 32}
     else:
         cfg = LlamaConfig(
@@ -59,10 +53,10 @@ def build(device: str, quick: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
             num_key_value_heads=4,
             vocab_size=512,
         )
+        model = LlamaModel(cfg).eval()
         shape = {"lengths": (8, 32), "requests": 256 if quick else 768, "adapters": 16, "rank": 8, "batch": 16}
-    torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return LlamaModel(cfg).eval().to(device=device, dtype=dtype), shape
+    return model.to(device=device, dtype=dtype), shape
 
 
 def make_requests(shape: dict[str, Any], vocab: int, seed: int) -> list[tuple[str, torch.Tensor]]:
