@@ -106,10 +106,6 @@ class CpuTier:
         entry = self._entries.get(key)
         return None if entry is None else entry.weights
 
-    def is_sticky(self, key: Hashable) -> bool:
-        entry = self._entries.get(key)
-        return entry is not None and entry.sticky
-
     def put(self, key: Hashable, weights: AdapterWeights, *, sticky: bool = False) -> CpuPutResult:
         """Insert (or replace) an entry as most recently used, evicting others to stay in bounds."""
         self.remove(key)

@@ -68,9 +68,6 @@ class GpuSlots:
     def get(self, key: Hashable) -> GpuSlot | None:
         return self._by_key.get(key)
 
-    def by_index(self, index: int) -> GpuSlot:
-        return self.slots[index - 1]
-
     def is_ready(self, key: Hashable) -> bool:
         slot = self._by_key.get(key)
         return slot is not None and slot.state is SlotState.READY

@@ -554,11 +554,6 @@ class AdapterStore:
         """Whether ``ref``'s slot write has been issued (host-side state; the copy event orders the batch)."""
         return ref.is_base or self._gpu.is_ready(ref.key)
 
-    @property
-    def pinned_count(self) -> int:
-        """How many adapters are pinned to the GPU tier (their slots are never free for others)."""
-        return len(self._pinned)
-
     def gpu_resident(self) -> dict[AdapterKey, int]:
         """``ref.key`` -> slot of every version whose slot write was issued."""
         return {key: index for key, index in self._gpu.resident().items() if isinstance(key, tuple)}
