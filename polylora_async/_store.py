@@ -468,6 +468,22 @@ class AdapterStore:
         self._bind_loop()
         return await self.catalog.resolve(adapter_id)
 
+    def resolve_registered(self, adapter_id: str) -> AdapterRef | None:
+        """:meth:`resolve` without awaiting for an id registered now; ``None`` for any other id.
+
+        The submit path's fast case: no coroutine, no resolver. Call it on the event loop.
+
+        Raises:
+            StoreClosedError: the store is closed.
+        """
+        self._check_open()
+        ref = self.catalog.current(adapter_id)
+        if ref is None:
+            return None
+        self._bind_loop()
+        self.catalog.acquire(ref)
+        return ref
+
     def resolve_nowait(self, adapter_id: str) -> AdapterRef:
         """Like :meth:`resolve` for registered ids, without awaiting; held until :meth:`release_ref`.
 

@@ -578,3 +578,36 @@ async def test_asgi_app_speaks_lifespan_and_rejects_websockets() -> None:
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
     with pytest.raises(ValueError, match="HTTP only"):
         await call_asgi(app, {"type": "websocket", "path": "/"}, [{"type": "websocket.connect"}])
+
+
+def test_light_collectors_expose_what_prometheus_client_would() -> None:
+    from prometheus_client import Counter, Histogram
+
+    from polylora_async._metrics import LATENCY_BUCKETS, _FastCounter, _FastHistogram
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    fast_hist = _FastHistogram("x_seconds", "doc", LATENCY_BUCKETS)
+    fast_count = _FastCounter("y_total", "doc", "outcome", OUTCOMES)
+    ours.register(fast_hist)
+    ours.register(fast_count)
+    ref_hist = Histogram("x_seconds", "doc", buckets=LATENCY_BUCKETS, registry=theirs)
+    ref_count = Counter("y_total", "doc", ["outcome"], registry=theirs)
+    for outcome in OUTCOMES:
+        ref_count.labels(outcome)
+    # Values on bucket bounds, between them, below the first and above the last.
+    amounts = [0.0, 1e-5, *LATENCY_BUCKETS, 0.0003, 0.07, 29.9, 31.0, 1e4]
+    for i, amount in enumerate(amounts):
+        fast_hist.observe(amount)
+        ref_hist.observe(amount)
+        outcome = OUTCOMES[i % len(OUTCOMES)]
+        fast_count.inc(outcome)
+        ref_count.labels(outcome).inc()
+
+    def samples(registry: CollectorRegistry) -> Samples:
+        # Histograms of ours have no _created series; counters have it, at another instant.
+        return {k: v for k, v in parse(generate_latest(registry)).items() if not k[0].endswith("_created")}
+
+    assert samples(ours) == samples(theirs)
+    assert {k for k in parse(generate_latest(ours)) if k[0] == "y_created"}
+    with pytest.raises(ValueError, match="`outcome` must be one of"):
+        fast_count.inc("nope")

@@ -316,3 +316,51 @@ async def test_a_cold_adapter_is_not_passed_over_beyond_the_starvation_limit(ada
     torch.testing.assert_close(out.double(), reference(tiny, adapters["ad2"], _ids(5, 99)), **TOL)
     assert passed_over == limit, passed_over  # exactly `limit` hot batches went ahead of it
     assert hot_left > 0  # and it was served while hot requests were still waiting
+
+
+class _Recorder(torch.nn.Module):
+    """A per-token model with a feature input; records every padded batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = torch.nn.Linear(3, 4)
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        self.batches.append((input_ids.clone(), features.clone(), attention_mask.clone()))
+        hidden = self.proj(features) + input_ids.unsqueeze(-1)
+        return {"last_hidden_state": hidden, "pooled": (hidden * attention_mask.unsqueeze(-1)).sum(1)}
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+async def test_collation_pads_every_input_and_returns_each_rows_own_slice(pooled: bool) -> None:
+    recorder = _Recorder()
+    model = MultiLoraModel(recorder, WrapConfig(["proj"], max_rank=2, num_slots=2))
+    config = RuntimeConfig(max_batch_size=8, max_wait=0.01, pad_to_multiple=4, pad_values={"input_ids": 7})
+    select = (lambda out: out["pooled"]) if pooled else None
+    rng = random.Random(1)
+    requests = []
+    for i in range(13):
+        length = rng.randint(1, 9)
+        ids = _ids(length, seed=100 + i)
+        features = torch.randn(length, 3, generator=torch.Generator().manual_seed(i))
+        requests.append({"input_ids": ids, "features": features})
+    async with Runtime(model, config, select_output=select) as runtime:
+        results = await asyncio.gather(*(runtime.submit(r) for r in requests))
+    by_ids = {tuple(r["input_ids"].tolist()): r for r in requests}
+    for ids, features, mask in recorder.batches:  # what the model saw: right padding, the right mask
+        assert ids.shape[1] % 4 == 0 and features.shape == (*ids.shape, 3)
+        for row in range(ids.shape[0]):
+            length = int(mask[row].sum())
+            assert mask[row, :length].all() and not mask[row, length:].any()
+            request = by_ids[tuple(ids[row, :length].tolist())]
+            assert torch.equal(features[row, :length], request["features"])
+            assert (ids[row, length:] == 7).all() and (features[row, length:] == 0).all()
+    assert len(recorder.batches) < len(requests)  # batched, so padding really happened
+    with torch.no_grad():
+        for request, out in zip(requests, results, strict=True):
+            expected = recorder.proj(request["features"]) + request["input_ids"].unsqueeze(-1)
+            expected = expected.sum(0) if pooled else expected
+            torch.testing.assert_close(out, expected)
+            assert out.untyped_storage().nbytes() == out.numel() * out.element_size()  # its own storage
