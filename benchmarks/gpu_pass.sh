@@ -3,7 +3,8 @@
 # Usage: OUT=/some/dir bash benchmarks/gpu_pass.sh [steps...]
 #   (steps: tests kernels sweep model store runtime demo; ktests: the kernel GPU tests only, in parallel
 #    processes when pytest-xdist is there; kernels5: bench_kernels.py on its five main cases; ksweep: the
-#    kernel config sweep + host cost; khost: the host cost only; modelfast: bench_model.py without --peft)
+#    kernel config sweep + host cost; khost: the host cost only; modelfast: bench_model.py without --peft;
+#    loadhost: an adapter load's host cost by stage and its interference with a forward's host work)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -36,6 +37,7 @@ for step in $steps; do
         khost)   timeout 40 python3 benchmarks/sweep_kernels.py --host-only --json "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -20 ;;
         modelfast) timeout 120 python3 benchmarks/bench_model.py --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -8 ;;
         model)   timeout 300 python3 benchmarks/bench_model.py --peft --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -8 ;;
+        loadhost) timeout 120 python3 benchmarks/bench_load_host.py --json "$OUT/load_host.json" 2>&1 | tee "$OUT/load_host.log" | tail -8 ;;
         store)   timeout 150 python3 benchmarks/bench_cold_load.py --json "$OUT/cold_load.json" 2>&1 | tee "$OUT/cold_load.log" | tail -20 ;;
         runtime) timeout 300 python3 benchmarks/bench_runtime.py --json "$OUT/runtime.json" 2>&1 | tee "$OUT/runtime.log" | tail -25 ;;
         profile) timeout 200 python3 benchmarks/profile_model.py 2>&1 | tee "$OUT/profile.log" | head -60 ;;

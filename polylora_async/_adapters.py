@@ -7,11 +7,13 @@ slot (per wrapped layer: A, B and the scale), validated against that model's lay
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import pickle
 import re
+import struct
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -115,6 +117,10 @@ class RawAdapter:
     config: Mapping[str, Any]
     tensors: Mapping[str, torch.Tensor]
     origin: str
+    buffer: torch.Tensor | None = None
+    """When set: a 1-D uint8 tensor that ``tensors`` are views of and that they cover exactly (a
+    safetensors file's data section, read in one piece), so checks and conversions can run once
+    over the whole adapter instead of once per tensor."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,9 @@ class AdapterWeights:
     layers: Mapping[str, LayerLora]
     origin: str
     nbytes: int = field(default=0)
+    storage: torch.Tensor | None = None
+    """When set: a 1-D tensor of the weights' dtype that every ``a`` and ``b`` is a view of
+    (:func:`pack_weights`). A slot write then moves the whole adapter to the device in one copy."""
 
     @property
     def max_rank(self) -> int:
@@ -158,11 +167,15 @@ class AdapterWeights:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_peft_directory(adapter_id: str, path: str | os.PathLike[str]) -> RawAdapter:
+def read_peft_directory(
+    adapter_id: str, path: str | os.PathLike[str], *, pin_memory: bool = False
+) -> RawAdapter:
     """Read a PEFT adapter directory (``adapter_config.json`` + weights) without validating it.
 
-    ``adapter_model.safetensors`` is preferred; ``adapter_model.bin`` is read only through
-    ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+    ``adapter_model.safetensors`` is preferred and read in one piece into one buffer (page-locked
+    with ``pin_memory``, so weights of the model's dtype never need another host copy);
+    ``adapter_model.bin`` is read only through ``torch.load(weights_only=True)``, which refuses
+    arbitrary pickled objects.
 
     Raises:
         AdapterLoadError: the directory or a file is missing, truncated or corrupt.
@@ -185,24 +198,136 @@ def read_peft_directory(adapter_id: str, path: str | os.PathLike[str]) -> RawAda
         )
 
     weights_path = root / SAFETENSORS_FILE
+    buffer = None
     if weights_path.is_file():
-        tensors = _read_safetensors(adapter_id, weights_path)
+        tensors, buffer = read_safetensors(adapter_id, weights_path, pin_memory=pin_memory)
     elif (root / PICKLE_FILE).is_file():
         tensors = _read_torch_pickle(adapter_id, root / PICKLE_FILE)
     else:
         raise AdapterLoadError(
             f"adapter {adapter_id!r}: no weights in {str(root)!r} (expected {SAFETENSORS_FILE} or {PICKLE_FILE})"
         )
-    return RawAdapter(config=config, tensors=tensors, origin=str(root))
+    return RawAdapter(config=config, tensors=tensors, origin=str(root), buffer=buffer)
 
 
-def _read_safetensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+# safetensors dtype names (the format's own spelling) -> torch dtypes.
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
+
+def read_safetensors(
+    adapter_id: str, path: Path, *, pin_memory: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Read a safetensors file: its tensors, and the one uint8 buffer they are views of.
+
+    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+    byte offsets into the data section) and the data section. The data section is read with one
+    ``readinto`` straight into one buffer (no per-tensor allocation or copy; the interpreter lock
+    is released during the read), and every tensor is a view of it. The header is checked like the
+    reference implementation checks it: known dtypes, byte ranges inside the file that match the
+    shapes, no overlaps. The buffer is returned only if the tensors cover it exactly, without gaps
+    (what every writer produces); otherwise ``None``, and the tensors are still correct.
+
+    Raises:
+        AdapterLoadError: the file is missing, truncated, or not a valid safetensors file.
+    """
+    where = f"adapter {adapter_id!r}: cannot read {str(path)!r}"
     try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types and OSError
-        raise AdapterLoadError(f"adapter {adapter_id!r}: cannot read {str(path)!r}: {exc}") from exc
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            head = file.read(8)
+            if len(head) < 8:
+                raise AdapterLoadError(f"{where}: {size} bytes is too short for a safetensors file")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise AdapterLoadError(
+                    f"{where}: its header claims {header_len} bytes but the file has {size} (truncated or not "
+                    "a safetensors file)"
+                )
+            try:
+                header = json.loads(file.read(header_len))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise AdapterLoadError(f"{where}: its header is not valid JSON: {exc}") from exc
+            data_len = size - 8 - header_len
+            entries = _safetensors_entries(where, header, data_len)
+            buffer = torch.empty(data_len, dtype=torch.uint8, pin_memory=pin_memory)
+            view = memoryview(buffer.numpy())  # type: ignore[arg-type]
+            done = 0
+            while done < data_len:
+                got = file.readinto(view[done:])
+                if not got:
+                    raise AdapterLoadError(f"{where}: the file shrank while it was read")
+                done += got
+    except OSError as exc:
+        raise AdapterLoadError(f"{where}: {exc}") from exc
+    tensors: dict[str, torch.Tensor] = {}
+    covered = 0
+    for name, dtype, shape, begin, end in entries:
+        tensors[name] = _tensor_view(buffer, dtype, shape, begin, end)
+        aligned = begin % dtype.itemsize == 0  # a misaligned tensor is a copy, not a view
+        covered = covered + (end - begin) if aligned and begin == covered else -1
+    return tensors, (buffer if covered == data_len else None)
+
+
+def _safetensors_entries(
+    where: str, header: object, data_len: int
+) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+    """The header's tensors sorted by offset: (name, dtype, shape, begin, end), all checked."""
+    if not isinstance(header, dict):
+        raise AdapterLoadError(f"{where}: its header must be a JSON object, got {type(header).__name__}")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise AdapterLoadError(f"{where}: tensor {name!r} has no dtype/shape/data_offsets entry")
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise AdapterLoadError(f"{where}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise AdapterLoadError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise AdapterLoadError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise AdapterLoadError(
+                f"{where}: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs {nbytes} bytes, "
+                f"but its data_offsets are {offsets}"
+            )
+        if end > data_len:
+            raise AdapterLoadError(
+                f"{where}: tensor {name!r} ends at byte {end} of a {data_len}-byte data section (truncated file)"
+            )
+        entries.append((name, dtype, tuple(shape), begin, end))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    for previous, entry in itertools.pairwise(entries):
+        if entry[3] < previous[4]:
+            raise AdapterLoadError(f"{where}: tensors {previous[0]!r} and {entry[0]!r} overlap in the file")
+    return entries
+
+
+def _tensor_view(
+    buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int
+) -> torch.Tensor:
+    raw = buffer[begin:end]
+    if begin % dtype.itemsize:  # a misaligned offset (legal in the format, never written in practice)
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
 
 
 def _read_torch_pickle(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
@@ -266,8 +391,13 @@ def validate_adapter(
     layers: Mapping[str, LayerShape],
     max_rank: int,
     dtype: torch.dtype,
+    *,
+    pin_memory: bool = False,
 ) -> AdapterWeights:
     """Check a raw adapter against the wrapped layers and turn it into :class:`AdapterWeights`.
+
+    The result is packed (:attr:`AdapterWeights.storage`): a safetensors buffer of the right dtype
+    is kept as it is, any other is converted or gathered in one new storage.
 
     Args:
         adapter_id: the id the adapter is served under (named in every error).
@@ -275,6 +405,7 @@ def validate_adapter(
         layers: wrapped layer name -> its shape.
         max_rank: the largest rank the model's slots hold.
         dtype: the dtype weights are converted to (the base layers' dtype).
+        pin_memory: the storage must be page-locked (for asynchronous copies to a GPU).
 
     Raises:
         UnsupportedAdapterError: a PEFT feature this runtime does not serve.
@@ -291,8 +422,7 @@ def validate_adapter(
         raise AdapterFormatError(f"{where}: the weights hold no LoRA tensors")
 
     resolver = _NameResolver(layers)
-    out: dict[str, LayerLora] = {}
-    nbytes = 0
+    found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module, parts in pairs.items():
         missing = {"lora_A", "lora_B"} - parts.keys()
         if missing:
@@ -300,8 +430,8 @@ def validate_adapter(
         layer_name = resolver.resolve(where, module)
         shape = layers[layer_name]
         a, b = parts["lora_A"], parts["lora_B"]
-        _check_tensor(where, f"{module}.lora_A", a)
-        _check_tensor(where, f"{module}.lora_B", b)
+        _check_kind(where, f"{module}.lora_A", a)
+        _check_kind(where, f"{module}.lora_B", b)
         rank = int(a.shape[0])
         if rank < 1 or a.shape[1] != shape.in_features:
             raise AdapterFormatError(
@@ -322,13 +452,98 @@ def validate_adapter(
             raise AdapterFormatError(
                 f"{where}: module {module!r} has rank {rank} in its weights but {expected} in its config"
             )
-        if layer_name in out:
+        if layer_name in found:
             raise AdapterFormatError(f"{where}: two sets of weights map to layer {layer_name!r}")
-        a_conv = a.detach().to(dtype=dtype).contiguous()
-        b_conv = b.detach().to(dtype=dtype).contiguous()
-        out[layer_name] = LayerLora(a=a_conv, b=b_conv, scale=spec.scale_for(module, rank))
-        nbytes += a_conv.numel() * a_conv.element_size() + b_conv.numel() * b_conv.element_size()
-    return AdapterWeights(adapter_id=adapter_id, layers=out, origin=raw.origin, nbytes=nbytes)
+        found[layer_name] = (a.detach(), b.detach(), spec.scale_for(module, rank))
+    _check_finite(where, raw, pairs)
+    return _pack(adapter_id, raw, found, dtype, pin_memory)
+
+
+def _check_finite(where: str, raw: RawAdapter, pairs: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """No NaN/Inf anywhere: one reduction over a whole safetensors buffer, else one per tensor."""
+    dtypes = {t.dtype for t in raw.tensors.values()}
+    if raw.buffer is not None and len(dtypes) == 1:
+        # One call for the whole adapter (~0.1 ms for 8 MB on one CPU core) instead of ~10 us of
+        # Python and dispatch per tensor while holding the interpreter lock (256 tensors: ~3 ms).
+        if _sum_is_finite(raw.buffer.view(dtypes.pop())):
+            return
+    for module, parts in pairs.items():
+        for part, tensor in parts.items():
+            if not _sum_is_finite(tensor):
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise AdapterFormatError(f"{where}: {module}.{part} holds {bad} NaN/Inf values")
+
+
+def _sum_is_finite(tensor: torch.Tensor) -> bool:
+    # One reduction instead of a full boolean mask (12x faster on a CPU core): a NaN or Inf makes
+    # the sum non-finite. A non-finite sum of finite values (overflow) makes the caller count
+    # exactly, which then finds nothing.
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total))
+
+
+def _pack(
+    adapter_id: str,
+    raw: RawAdapter,
+    found: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+    dtype: torch.dtype,
+    pin_memory: bool,
+) -> AdapterWeights:
+    """Validated factors as views of one storage of ``dtype`` (see :attr:`AdapterWeights.storage`)."""
+    buffer = raw.buffer
+    dtypes = {t.dtype for t in raw.tensors.values()}
+    if buffer is None or len(dtypes) != 1:
+        return pack_weights(
+            AdapterWeights(adapter_id, {n: LayerLora(a, b, s) for n, (a, b, s) in found.items()}, raw.origin),
+            pin_memory=pin_memory,
+            dtype=dtype,
+        )
+    # The file's data section holds exactly these tensors: keep it (same dtype, and pinned if
+    # asked: no copy at all), or convert it with one call; each factor keeps its place in it.
+    source_dtype = dtypes.pop()
+    source = buffer.view(source_dtype)
+    if source_dtype == dtype and (buffer.is_pinned() or not pin_memory):
+        storage = source
+    else:
+        storage = torch.empty(source.numel(), dtype=dtype, pin_memory=pin_memory)
+        storage.copy_(source)
+    base = buffer.data_ptr()
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        start = (tensor.data_ptr() - base) // source_dtype.itemsize
+        return storage[start : start + tensor.numel()].view(tensor.shape)
+
+    layers = {n: LayerLora(moved(a), moved(b), s) for n, (a, b, s) in found.items()}
+    nbytes = sum((lora.a.numel() + lora.b.numel()) * storage.element_size() for lora in layers.values())
+    return AdapterWeights(adapter_id, layers, raw.origin, nbytes=nbytes, storage=storage)
+
+
+def pack_weights(weights: AdapterWeights, *, pin_memory: bool, dtype: torch.dtype | None = None) -> AdapterWeights:
+    """The same weights as views of one new contiguous CPU storage (page-locked with ``pin_memory``).
+
+    Each factor keeps its layout (``a`` ``[r, in]``, ``b`` ``[out, r]``, both row-major), in layer order.
+    Weights that already have a fitting storage are returned as they are.
+    """
+    dtype = dtype or next((lora.a.dtype for lora in weights.layers.values()), torch.float32)
+    current = weights.storage
+    if current is not None and current.dtype == dtype and current.device.type == "cpu":
+        if current.is_pinned() or not pin_memory:
+            return weights
+    total = sum(lora.a.numel() + lora.b.numel() for lora in weights.layers.values())
+    storage = torch.empty(total, dtype=dtype, pin_memory=pin_memory)
+    layers: dict[str, LayerLora] = {}
+    offset = 0
+    for name, lora in weights.layers.items():
+        placed = []
+        for tensor in (lora.a, lora.b):
+            view = storage[offset : offset + tensor.numel()].view(tensor.shape)
+            view.copy_(tensor.detach())
+            placed.append(view)
+            offset += tensor.numel()
+        layers[name] = LayerLora(placed[0], placed[1], lora.scale)
+    nbytes = total * storage.element_size()
+    return AdapterWeights(weights.adapter_id, layers, weights.origin, nbytes=nbytes, storage=storage)
 
 
 def _split_key(where: str, key: str) -> tuple[str, str]:
@@ -350,20 +565,12 @@ def _split_key(where: str, key: str) -> tuple[str, str]:
     return module, match["part"]
 
 
-def _check_tensor(where: str, name: str, tensor: torch.Tensor) -> None:
+def _check_kind(where: str, name: str, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise AdapterFormatError(f"{where}: {name} must be a 2-D tensor, got {shape}")
     if not tensor.is_floating_point():
         raise AdapterFormatError(f"{where}: {name} must be floating point, got {tensor.dtype}")
-    # One reduction instead of a full boolean mask (12x faster on a CPU core): a NaN or Inf makes
-    # the sum non-finite. A non-finite sum of finite values (overflow) falls through to the exact
-    # count, which then finds nothing.
-    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
-    if not bool(torch.isfinite(total)):
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise AdapterFormatError(f"{where}: {name} holds {bad} NaN/Inf values")
 
 
 class _NameResolver:

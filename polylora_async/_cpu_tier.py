@@ -11,33 +11,22 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from ._adapters import AdapterWeights, LayerLora
+from ._adapters import AdapterWeights, pack_weights
 
 
 def stage_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:
     """Host-side layout of validated weights, ready for slot writes.
 
-    Without ``pin`` the tensors are only moved to the CPU if they are elsewhere. With ``pin`` every
-    tensor is copied into page-locked memory (so a ``non_blocking`` host->device copy really is
-    asynchronous), and ``b`` (``[out, r]``) is stored column-major: the slot write copies
-    ``b.t()``, which is then one contiguous block. A row-major ``b`` would make ``copy_`` stage a
-    pageable contiguous temporary on the host first, i.e. a synchronous copy.
+    With ``pin`` the weights end up as views of ONE page-locked storage (:func:`pack_weights`; the
+    validation of a safetensors file read with ``pin_memory`` already produced exactly that, so
+    this is free then), and a slot write copies the whole adapter to the device with one
+    asynchronous copy. Pinning every tensor by itself cost one page-locked allocation per tensor
+    and a host-side transpose of every ``b``. Without ``pin``, CPU weights are returned as they
+    are and weights elsewhere are gathered into one CPU storage.
     """
-    layers: dict[str, LayerLora] = {}
-    changed = False
-    for name, lora in weights.layers.items():
-        a, b = lora.a, lora.b
-        if pin:
-            a = a.detach().to("cpu").contiguous().pin_memory()
-            b = b.detach().to("cpu").t().contiguous().pin_memory().t()
-            changed = True
-        elif a.device.type != "cpu" or b.device.type != "cpu":
-            a, b = a.detach().to("cpu"), b.detach().to("cpu")
-            changed = True
-        layers[name] = LayerLora(a=a, b=b, scale=lora.scale)
-    if not changed:
+    if not pin and all(lora.a.device.type == "cpu" and lora.b.device.type == "cpu" for lora in weights.layers.values()):
         return weights
-    return AdapterWeights(adapter_id=weights.adapter_id, layers=layers, origin=weights.origin, nbytes=weights.nbytes)
+    return pack_weights(weights, pin_memory=pin)
 
 
 @dataclass

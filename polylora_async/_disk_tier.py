@@ -258,8 +258,8 @@ class DiskCache:
         """Where the entry lives (or would live): always inside ``root/entries``."""
         return self._entries_dir / entry_name(adapter_id, token)
 
-    def read(self, adapter_id: str, token: str) -> RawAdapter | None:
-        """The cached adapter (unvalidated), or None if not cached.
+    def read(self, adapter_id: str, token: str, *, pin_memory: bool = False) -> RawAdapter | None:
+        """The cached adapter (unvalidated; its weights page-locked with ``pin_memory``), or None if not cached.
 
         Raises:
             AdapterLoadError: the entry is listed but unreadable (torn or corrupt file); it has been
@@ -276,7 +276,7 @@ class DiskCache:
             entry.last_used = time.time()
             self._dirty = True
         try:
-            return read_peft_directory(adapter_id, self._entries_dir / name)
+            return read_peft_directory(adapter_id, self._entries_dir / name, pin_memory=pin_memory)
         except Exception:
             with self._lock:
                 if self._index.get(name) is entry:

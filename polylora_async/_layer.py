@@ -59,24 +59,34 @@ class MultiLoraLinear(nn.Module):
 
     @torch.no_grad()
     def write_slot(self, slot: int, lora: LayerLora | None) -> None:
-        """Place one adapter's factors for this layer into ``slot`` (None: rank 0 here)."""
-        assert slot != 0, "slot 0 is the base model"
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        if lora is None:
-            self.slot_ranks[slot] = 0
-            self.slot_scales[slot] = 0.0
-        else:
-            r = lora.rank
+        """Place one adapter's factors for this layer into ``slot`` (None: rank 0 here).
+
+        For one layer at a time (tests, benchmarks); the model writes a whole adapter into every
+        layer at once with :meth:`MultiLoraModel.write_slot`, with a few calls in all.
+        """
+        r = 0 if lora is None else lora.rank
+        if lora is not None:
             self.lora_a[slot, :r].copy_(lora.a, non_blocking=True)
             self.lora_b[slot, :r].copy_(lora.b.t(), non_blocking=True)
-            self.slot_ranks[slot] = r
-            self.slot_scales[slot] = lora.scale
-        self._active = tuple(r > 0 for r in self.slot_ranks)
+        self.lora_a[slot, r:].zero_()
+        self.lora_b[slot, r:].zero_()
+        rank_entry, scale_entry = self.set_slot_rank(slot, r, 0.0 if lora is None else lora.scale)
         # fill_ with a Python number is a kernel on the current (copy) stream; item assignment
         # (`t[slot] = value`) may copy a host scalar instead, which waits for the stream's work.
-        self._ranks_dev[slot : slot + 1].fill_(self.slot_ranks[slot])
-        self._scales_dev[slot : slot + 1].fill_(self.slot_scales[slot])
+        rank_entry.fill_(r)
+        scale_entry.fill_(self.slot_scales[slot])
+
+    def set_slot_rank(self, slot: int, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record ``slot``'s rank and scale on the host; returns the device table entries to fill.
+
+        The caller writes the factors and fills the two returned one-element views (on the copy
+        stream) before any batch uses the slot.
+        """
+        assert slot != 0, "slot 0 is the base model"
+        self.slot_ranks[slot] = rank
+        self.slot_scales[slot] = scale if rank else 0.0
+        self._active = tuple(r > 0 for r in self.slot_ranks)
+        return self._ranks_dev[slot : slot + 1], self._scales_dev[slot : slot + 1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> MultiLoraLinear:
         # The rank/scale tables are not buffers (a dtype cast of the model must not touch them:

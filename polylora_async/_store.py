@@ -1309,18 +1309,20 @@ class AdapterStore:
             raw = None
             weights = self._fit(ref.adapter_id, source)
         else:
-            raw = source if isinstance(source, RawAdapter) else read_peft_directory(ref.adapter_id, source)
-            weights = self.model.prepare_adapter(ref.adapter_id, raw)
+            if not isinstance(source, RawAdapter):
+                source = read_peft_directory(ref.adapter_id, source, pin_memory=self._pin)
+            raw = source
+            weights = self.model.prepare_adapter(ref.adapter_id, raw, pin_memory=self._pin)
         return raw, stage_weights(weights, pin=self._pin)
 
     def _read_disk(self, ref: AdapterRef, token: str) -> AdapterWeights | None:
         """Worker thread: the disk-cache copy, validated and staged; None if not cached."""
         assert self._disk is not None
-        raw = self._disk.read(ref.adapter_id, token)
+        raw = self._disk.read(ref.adapter_id, token, pin_memory=self._pin)
         if raw is None:
             return None
         try:
-            weights = self.model.prepare_adapter(ref.adapter_id, raw)
+            weights = self.model.prepare_adapter(ref.adapter_id, raw, pin_memory=self._pin)
         except AdapterLoadError:
             self._disk.remove(ref.adapter_id, token)
             raise

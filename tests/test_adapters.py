@@ -8,6 +8,7 @@ import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,8 +18,10 @@ from polylora_async import (
     AdapterFormatError,
     AdapterLoadError,
     AdapterNotFoundError,
+    AdapterWeights,
     BatchInputError,
     ConfigError,
+    LayerLora,
     MultiLoraModel,
     PolyLoraWarning,
     TargetModulesError,
@@ -297,3 +300,159 @@ def test_huge_but_finite_weights_are_accepted(served, llama_set: AdapterSet, tmp
     _edit_tensors(path, huge)
     model.load_adapter("huge", path)
     assert "huge" in model.loaded_adapters
+
+
+# ---------------------------------------------------------------------------------------------
+# The safetensors reader and packed weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _handmade_safetensors(path: Path, header: object, data: bytes) -> Path:
+    """A file laid out by hand (header length, JSON header, data), for cases no writer produces."""
+    import struct
+
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def test_reader_gives_what_the_safetensors_library_gives(tmp_path: Path) -> None:
+    from polylora_async._adapters import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w32": torch.randn(3, 5, generator=g),
+        "w16": torch.randn(7, generator=g).to(torch.bfloat16),  # an odd byte count before others
+        "h16": torch.randn(2, 3, 1, generator=g).to(torch.float16),
+        "empty": torch.zeros(0, 4),
+        "w64": torch.randn(1, 1, generator=g).double(),
+        "ints": torch.arange(5, dtype=torch.int64),
+        "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    ours, buffer = read_safetensors("x", path)
+    reference = load_file(str(path))
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert ours[name].dtype == tensor.dtype and ours[name].shape == tensor.shape, name
+        assert torch.equal(ours[name], tensor), name
+    # One buffer behind every tensor, covered exactly.
+    assert buffer is not None and buffer.dtype == torch.uint8
+    start, stop = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    assert sum(t.numel() * t.element_size() for t in ours.values()) == buffer.numel()
+    assert all(t.numel() == 0 or start <= t.data_ptr() < stop for t in ours.values())
+
+
+def test_reader_copes_with_a_misaligned_tensor(tmp_path: Path) -> None:
+    from polylora_async._adapters import read_safetensors
+
+    half = torch.tensor([1.5], dtype=torch.bfloat16)
+    full = torch.tensor([3.25, -2.0])
+    header = {
+        "h": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]},
+        "f": {"dtype": "F32", "shape": [2], "data_offsets": [2, 10]},  # starts at byte 2: not a 4-byte boundary
+    }
+    data = half.view(torch.uint8).numpy().tobytes() + full.view(torch.uint8).numpy().tobytes()
+    tensors, buffer = read_safetensors("x", _handmade_safetensors(tmp_path / "m.safetensors", header, data))
+    assert torch.equal(tensors["h"], half) and torch.equal(tensors["f"], full)
+    assert buffer is None  # "f" is a copy, so the buffer does not back every tensor
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"t": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "unsupported dtype 'Q7'"),
+        ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "needs 8 bytes"),
+        ({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "invalid shape"),
+        ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4]}}, b"\0" * 4, "invalid data_offsets"),
+        ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "truncated file"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "overlap",
+        ),
+        ([1, 2], b"", "must be a JSON object"),
+        ({"t": 3}, b"", "no dtype/shape/data_offsets"),
+    ],
+)
+def test_reader_refuses_broken_headers(tmp_path: Path, header: object, data: bytes, message: str) -> None:
+    from polylora_async._adapters import read_safetensors
+
+    path = _handmade_safetensors(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(AdapterLoadError, match=message) as info:
+        read_safetensors("x", path)
+    assert str(path) in str(info.value) and "'x'" in str(info.value)
+
+
+def test_reader_refuses_truncated_and_foreign_files(tmp_path: Path) -> None:
+    from polylora_async._adapters import read_safetensors
+
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01\x02")
+    with pytest.raises(AdapterLoadError, match="too short"):
+        read_safetensors("x", short)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(AdapterLoadError, match="header claims"):
+        read_safetensors("x", huge)
+    text = tmp_path / "text.safetensors"
+    text.write_bytes((4).to_bytes(8, "little") + b"{no}")
+    with pytest.raises(AdapterLoadError, match="not valid JSON"):
+        read_safetensors("x", text)
+
+
+def _layer_views(weights: Any) -> list[torch.Tensor]:
+    return [t for lora in weights.layers.values() for t in (lora.a, lora.b)]
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+def test_validated_weights_are_packed_in_one_storage(
+    llama_set: AdapterSet, tmp_path: Path, file_dtype: torch.dtype
+) -> None:
+    from polylora_async import read_peft_directory
+
+    path = _variant(llama_set, tmp_path, "all-r8-rslora")
+    _edit_tensors(path, lambda t: t.update({k: v.to(file_dtype) for k, v in t.items()}))
+    model = MultiLoraModel(copy.deepcopy(llama_set.base), WrapConfig(LLAMA_TARGETS, max_rank=8, num_slots=2))
+    raw = read_peft_directory("p", path)
+    weights = model.prepare_adapter("p", raw)
+    storage = weights.storage
+    assert storage is not None and storage.dtype == model.dtype == torch.float32
+    views = _layer_views(weights)
+    assert sum(v.numel() for v in views) == storage.numel() and weights.nbytes == storage.numel() * 4
+    start = storage.data_ptr()
+    assert all(start <= v.data_ptr() < start + storage.numel() * 4 and v.is_contiguous() for v in views)
+    if file_dtype == model.dtype:
+        assert storage.data_ptr() == raw.buffer.data_ptr()  # type: ignore[union-attr]  # the file's buffer, no copy
+    reference = load_file(str(path / "adapter_model.safetensors"))
+    for name, lora in weights.layers.items():
+        key = f"base_model.model.{name}"
+        assert torch.equal(lora.a, reference[f"{key}.lora_A.weight"].float())
+        assert torch.equal(lora.b, reference[f"{key}.lora_B.weight"].float())
+    # Slot writes from packed and from unpacked weights place the same numbers.
+    copies = {name: LayerLora(lora.a.clone(), lora.b.clone(), lora.scale) for name, lora in weights.layers.items()}
+    unpacked = AdapterWeights(weights.adapter_id, copies, "copy")
+    model.write_slot(1, weights)
+    model.write_slot(2, unpacked)
+    for layer in model.iter_layers():
+        assert torch.equal(layer.lora_a[1], layer.lora_a[2]) and torch.equal(layer.lora_b[1], layer.lora_b[2])
+
+
+def test_a_smaller_adapter_leaves_nothing_of_the_slots_previous_one(llama_set: AdapterSet) -> None:
+    model = MultiLoraModel(copy.deepcopy(llama_set.base), WrapConfig(LLAMA_TARGETS, max_rank=8, num_slots=1))
+    big = model.prepare_adapter("big", llama_set.paths["all-r8-rslora"])
+    small = model.prepare_adapter("small", llama_set.paths["qv-r4"])
+    model.write_slot(1, big)
+    model.write_slot(1, small)
+    for name, layer in zip(model.layer_names, model.iter_layers(), strict=True):
+        lora = small.layers.get(name)
+        r = 0 if lora is None else lora.rank
+        assert layer.slot_ranks[1] == r and int(layer._ranks_dev[1]) == r
+        assert float(layer._scales_dev[1]) == pytest.approx(0.0 if lora is None else lora.scale)
+        assert not layer.lora_a[1, r:].any() and not layer.lora_b[1, r:].any()
+        if lora is not None:
+            assert torch.equal(layer.lora_a[1, :r], lora.a) and torch.equal(layer.lora_b[1, :r], lora.b.t())

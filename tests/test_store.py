@@ -161,12 +161,12 @@ class ReadGate:
         self.release = threading.Event()
         monkeypatch.setattr(store_module, "read_peft_directory", self)
 
-    def __call__(self, adapter_id: str, path: Any) -> RawAdapter:
+    def __call__(self, adapter_id: str, path: Any, **options: Any) -> RawAdapter:
         self.calls[adapter_id] += 1
         if self.block:
             self.entered.set()
             assert self.release.wait(timeout=30), "test gate never opened"
-        return self._real(adapter_id, path)
+        return self._real(adapter_id, path, **options)
 
 
 async def until(predicate: Callable[[], bool], yields: int = 200) -> None:
