@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -73,6 +74,9 @@ class MultiLoraModel(nn.Module):
         # slot -> adapter id; slot 0 is the base model.
         self._slot_owner: list[str | None] = [BASE_ADAPTER] + [None] * config.num_slots
         self._slot_of: dict[str, int] = {}
+        # The adapter store that owns every slot, if any (weakly: a store dropped without
+        # aclose() does not keep the slots forever).
+        self._slot_manager: weakref.ref[object] | None = None
         self._split_mode = False
         self.split_batches = 0
         """How many batches ran split into adapter-homogeneous groups (see :meth:`forward`)."""
@@ -176,8 +180,10 @@ class MultiLoraModel(nn.Module):
             SlotsFullError: every slot is taken; :meth:`unload_adapter` one first.
             AdapterLoadError: see :meth:`prepare_adapter`.
         """
+        self._check_unmanaged("load_adapter")
         weights = self.prepare_adapter(adapter_id, source, peft_adapter_name=peft_adapter_name)
         with self._lock:
+            self._check_unmanaged("load_adapter")
             free = [i for i, owner in enumerate(self._slot_owner) if owner is None]
             if not free:
                 raise SlotsFullError(
@@ -200,10 +206,49 @@ class MultiLoraModel(nn.Module):
             AdapterNotFoundError: the adapter is not loaded.
         """
         with self._lock:
+            self._check_unmanaged("unload_adapter")
             slot = self._slot_of.pop(adapter_id, None)
             if slot is None:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
             self._slot_owner[slot] = None
+
+    def claim_slots(self, manager: object) -> None:
+        """Hand every slot to ``manager`` (an adapter store): until :meth:`release_slots`, this
+        model's own :meth:`load_adapter` / :meth:`unload_adapter` refuse, so no slot has two owners.
+
+        Raises:
+            ConfigError: adapters are loaded with :meth:`load_adapter`, or another manager holds
+                the slots.
+        """
+        with self._lock:
+            current = self._manager()
+            if current is not None and current is not manager:
+                raise ConfigError(
+                    "the model's slots already belong to another adapter store (every Runtime has one): "
+                    "give each runtime its own MultiLoraModel, or close the other one first"
+                )
+            if self._slot_of:
+                raise ConfigError(
+                    f"the model already serves adapters loaded with load_adapter() ({sorted(self._slot_of)[:5]}); "
+                    "an AdapterStore owns every slot: give it a model without loaded adapters"
+                )
+            self._slot_manager = weakref.ref(manager)
+
+    def release_slots(self, manager: object) -> None:
+        """Give the slots back (``manager`` closed); a no-op for anyone but their holder."""
+        with self._lock:
+            if self._manager() is manager:
+                self._slot_manager = None
+
+    def _manager(self) -> object | None:
+        return None if self._slot_manager is None else self._slot_manager()
+
+    def _check_unmanaged(self, what: str) -> None:
+        if self._manager() is not None:
+            raise ConfigError(
+                f"{what}() is unavailable while an adapter store (a Runtime's) owns this model's slots: "
+                "register adapters with it (runtime.register_adapter, await runtime.load_adapter) instead"
+            )
 
     @property
     def loaded_adapters(self) -> list[str]:

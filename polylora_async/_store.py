@@ -370,8 +370,8 @@ class AdapterStore:
         clock: monotonic seconds; replace it in tests to control residency and thrash windows.
 
     Raises:
-        ConfigError: the model already has adapters loaded with ``load_adapter``, or ``pin_memory``
-            is set without CUDA.
+        ConfigError: the model already has adapters loaded with ``load_adapter``, another open store
+            owns its slots, or ``pin_memory`` is set without CUDA.
     """
 
     def __init__(
@@ -388,13 +388,9 @@ class AdapterStore:
         config = config if config is not None else StoreConfig()
         if not isinstance(config, StoreConfig):
             raise ConfigError(f"`config` must be a StoreConfig, got {type(config).__name__}")
-        if model.loaded_adapters:
-            raise ConfigError(
-                f"the model already serves adapters loaded with load_adapter() ({model.loaded_adapters[:5]}); "
-                "an AdapterStore owns every slot: give it a model without loaded adapters"
-            )
         if config.pin_memory and not torch.cuda.is_available():
             raise ConfigError("`pin_memory`=True needs CUDA, but torch.cuda.is_available() is False")
+        model.claim_slots(self)  # aclose() gives them back (or this store's end, if never closed)
         self.model = model
         self.config = config
         self._metrics = metrics
@@ -896,6 +892,9 @@ class AdapterStore:
         for pool in (self._load_pool, self._copy_pool, self._disk_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        # The slots go back to the model only once no slot write can still be running.
+        await asyncio.to_thread(self._copy_pool.shutdown, True)
+        self.model.release_slots(self)
         if self._disk is not None:
             await asyncio.to_thread(self._disk.close)
 

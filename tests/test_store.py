@@ -249,6 +249,34 @@ def test_store_needs_the_slots_to_itself(tmp_path: Path) -> None:
             AdapterStore(Tiny().wrap(), StoreConfig(pin_memory=True))
 
 
+async def test_a_store_owns_the_slots_until_it_closes(tmp_path: Path) -> None:
+    tiny = Tiny()
+    model = tiny.wrap(num_slots=2)
+    lora, other = make_lora(1), make_lora(2)
+    store = AdapterStore(model, StoreConfig(min_residency_s=0.0))
+    ref = store.register("a", lora.write(tmp_path / "a"))
+    await store.ensure_gpu(ref)
+    # Neither the model's own slot table nor a second store may hand out the store's slots.
+    with pytest.raises(ConfigError, match=r"load_adapter\(\) is unavailable"):
+        model.load_adapter("b", other.write(tmp_path / "b"))
+    with pytest.raises(ConfigError, match=r"unload_adapter\(\) is unavailable"):
+        model.unload_adapter("a")
+    with pytest.raises(ConfigError, match="another adapter store"):
+        AdapterStore(model)
+    x = inputs(2, 1)
+    check_rows(tiny, await run_batch(store, model, [ref, ref], x), [lora, lora], x)  # the slot is intact
+    await store.aclose()
+    model.load_adapter("b", tmp_path / "b")  # given back
+    model.unload_adapter("b")
+    async with AdapterStore(model):
+        pass
+    AdapterStore(model)  # a store dropped without aclose() does not keep the slots
+    import gc
+
+    gc.collect()
+    model.load_adapter("b", tmp_path / "b")
+
+
 # ---------------------------------------------------------------------------------------------
 # Scripted accesses: exact hits and misses per tier
 # ---------------------------------------------------------------------------------------------
