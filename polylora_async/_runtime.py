@@ -214,6 +214,10 @@ class Runtime:
             params = inspect.signature(model.model.forward).parameters
             self._add_mask = "attention_mask" in params
         self._schema: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
+        # Token ids must index the model's embedding table: one id out of range would fail its
+        # whole batch (and on CUDA an out-of-range gather is a device assert that ends the process's
+        # CUDA context), so submit() refuses it up front.
+        self._vocab_size = _vocab_size(model.model)
         self._pending: dict[int, _Request] = {}  # insertion order = arrival order
         self._demand_counts: dict[object, int] = {}  # adapter key -> queued requests
         self._demand_dirty = False
@@ -342,7 +346,8 @@ class Runtime:
 
         Raises:
             AdapterNotFoundError: unknown adapter id (raised before queueing).
-            InputValidationError: empty inputs, mismatched lengths, wrong dtype or shape.
+            InputValidationError: empty inputs, mismatched lengths, wrong dtype or shape, token ids
+                outside the model's vocabulary.
             RuntimeClosedError: the runtime is closing or closed.
             WorkerCrashedError: the runtime broke.
             BatchFailedError: the batch holding this request failed; the cause is chained.
@@ -571,8 +576,20 @@ class Runtime:
                     break
             else:
                 if 0 < length <= self.config.max_batch_tokens:
+                    self._check_token_ids(inputs)
                     return dict(inputs), length
         return self._validate_thoroughly(inputs)
+
+    def _check_token_ids(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        ids = inputs.get("input_ids")
+        if self._vocab_size is None or ids is None or ids.device.type != "cpu":  # a device tensor: no sync here
+            return
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or int(high) >= self._vocab_size:
+            bad = int(low) if int(low) < 0 else int(high)
+            raise InputValidationError(
+                f"input 'input_ids' holds token id {bad}, outside the model's vocabulary [0, {self._vocab_size})"
+            )
 
     def _validate_thoroughly(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
         if not isinstance(inputs, Mapping) or not inputs:
@@ -610,6 +627,7 @@ class Runtime:
                     raise InputValidationError(
                         f"input {name!r} is {_describe(got)}, but this runtime's requests have {_describe(want)}"
                     )
+        self._check_token_ids(tensors)
         return tensors, length
 
     def _unqueue(self, request: _Request) -> None:
@@ -963,6 +981,16 @@ def _token_mask(requests: list[_Request], width: int) -> torch.Tensor:
 
 def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.device.type == "cpu" else tensor.cpu()
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding table (Hugging Face's ``get_input_embeddings``), if it has one."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else None
 
 
 def _check_rows(selected: torch.Tensor, batch: _Batch) -> None:

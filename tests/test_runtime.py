@@ -25,6 +25,7 @@ from polylora_async import (
     WrapConfig,
 )
 from tests._tiny import TARGETS, VOCAB, TinyModel, reference, write_adapter
+from tests.conftest import LLAMA_TARGETS, tiny_llama
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 model vs fp64 reference
 
@@ -364,3 +365,18 @@ async def test_collation_pads_every_input_and_returns_each_rows_own_slice(pooled
             expected = expected.sum(0) if pooled else expected
             torch.testing.assert_close(out, expected)
             assert out.untyped_storage().nbytes() == out.numel() * out.element_size()  # its own storage
+
+
+async def test_token_ids_outside_the_vocabulary_are_refused_at_submit() -> None:
+    model = MultiLoraModel(tiny_llama(), WrapConfig(LLAMA_TARGETS, max_rank=4, num_slots=2))
+    vocab = model.model.get_input_embeddings().num_embeddings
+    async with Runtime(model) as runtime:
+        good = await runtime.submit({"input_ids": torch.tensor([1, vocab - 1])})  # fixes the schema
+        assert good.shape[0] == 2
+        for bad in (vocab, -1):
+            with pytest.raises(InputValidationError, match=rf"token id {bad}, outside .*\[0, {vocab}\)"):
+                await runtime.submit({"input_ids": torch.tensor([3, bad, 4])})
+            with pytest.raises(InputValidationError, match=f"token id {bad}"):
+                runtime.submit_nowait({"input_ids": torch.tensor([bad])})
+        stats = runtime.statistics()
+    assert stats.queued == 0 and stats.failed == 0 and stats.submitted == 1
