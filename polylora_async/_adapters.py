@@ -15,7 +15,7 @@ import pickle
 import re
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,9 +274,10 @@ def read_safetensors(
     except OSError as exc:
         raise AdapterLoadError(f"{where}: {exc}") from exc
     tensors: dict[str, torch.Tensor] = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}
     covered = 0
     for name, dtype, shape, begin, end in entries:
-        tensors[name] = _tensor_view(buffer, dtype, shape, begin, end)
+        tensors[name] = _tensor_view(buffer, typed, dtype, shape, begin)
         aligned = begin % dtype.itemsize == 0  # a misaligned tensor is a copy, not a view
         covered = covered + (end - begin) if aligned and begin == covered else -1
     return tensors, (buffer if covered == data_len else None)
@@ -322,12 +323,30 @@ def _safetensors_entries(
 
 
 def _tensor_view(
-    buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int
+    buffer: torch.Tensor, typed: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...], begin: int
 ) -> torch.Tensor:
-    raw = buffer[begin:end]
-    if begin % dtype.itemsize:  # a misaligned offset (legal in the format, never written in practice)
-        raw = raw.clone()
-    return raw.view(dtype).view(shape)
+    """The tensor at byte ``begin`` of ``buffer``: one ``as_strided`` call on a per-dtype view of it."""
+    size = dtype.itemsize
+    if begin % size:  # a misaligned offset (legal in the format, never written in practice): a copy
+        return buffer[begin : begin + math.prod(shape) * size].clone().view(dtype).view(shape)
+    whole = typed.get(dtype)
+    if whole is None:
+        whole = typed[dtype] = buffer[: buffer.numel() // size * size].view(dtype)
+    return view_at(whole, begin // size, shape)
+
+
+def view_at(flat: torch.Tensor, offset: int, shape: Sequence[int]) -> torch.Tensor:
+    """A contiguous ``shape`` view of the 1-D ``flat`` starting at element ``offset`` (one call)."""
+    if len(shape) == 2:  # every LoRA factor
+        strides: tuple[int, ...] = (max(shape[1], 1), 1)
+    else:
+        reverse = []
+        step = 1
+        for extent in reversed(shape):
+            reverse.append(step)
+            step *= max(extent, 1)
+        strides = tuple(reversed(reverse))
+    return flat.as_strided(tuple(shape), strides, flat.storage_offset() + offset)
 
 
 def _read_torch_pickle(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
@@ -454,7 +473,9 @@ def validate_adapter(
             )
         if layer_name in found:
             raise AdapterFormatError(f"{where}: two sets of weights map to layer {layer_name!r}")
-        found[layer_name] = (a.detach(), b.detach(), spec.scale_for(module, rank))
+        if a.requires_grad or b.requires_grad:  # a state dict taken from a model being trained
+            a, b = a.detach(), b.detach()
+        found[layer_name] = (a, b, spec.scale_for(module, rank))
     _check_finite(where, raw, pairs)
     return _pack(adapter_id, raw, found, dtype, pin_memory)
 
@@ -504,19 +525,18 @@ def _pack(
     source_dtype = dtypes.pop()
     source = buffer.view(source_dtype)
     if source_dtype == dtype and (buffer.is_pinned() or not pin_memory):
-        storage = source
-    else:
-        storage = torch.empty(source.numel(), dtype=dtype, pin_memory=pin_memory)
-        storage.copy_(source)
-    base = buffer.data_ptr()
+        # The factors already are views of this memory: nothing to copy, nothing to re-view.
+        layers = {n: LayerLora(a, b, s) for n, (a, b, s) in found.items()}
+        return AdapterWeights(adapter_id, layers, raw.origin, nbytes=source.numel() * dtype.itemsize, storage=source)
+    storage = torch.empty(source.numel(), dtype=dtype, pin_memory=pin_memory)
+    storage.copy_(source)
+    base, itemsize = buffer.data_ptr(), source_dtype.itemsize
 
     def moved(tensor: torch.Tensor) -> torch.Tensor:
-        start = (tensor.data_ptr() - base) // source_dtype.itemsize
-        return storage[start : start + tensor.numel()].view(tensor.shape)
+        return view_at(storage, (tensor.data_ptr() - base) // itemsize, tensor.shape)
 
     layers = {n: LayerLora(moved(a), moved(b), s) for n, (a, b, s) in found.items()}
-    nbytes = sum((lora.a.numel() + lora.b.numel()) * storage.element_size() for lora in layers.values())
-    return AdapterWeights(adapter_id, layers, raw.origin, nbytes=nbytes, storage=storage)
+    return AdapterWeights(adapter_id, layers, raw.origin, nbytes=storage.numel() * dtype.itemsize, storage=storage)
 
 
 def pack_weights(weights: AdapterWeights, *, pin_memory: bool, dtype: torch.dtype | None = None) -> AdapterWeights:
@@ -537,7 +557,7 @@ def pack_weights(weights: AdapterWeights, *, pin_memory: bool, dtype: torch.dtyp
     for name, lora in weights.layers.items():
         placed = []
         for tensor in (lora.a, lora.b):
-            view = storage[offset : offset + tensor.numel()].view(tensor.shape)
+            view = view_at(storage, offset, tensor.shape)
             view.copy_(tensor.detach())
             placed.append(view)
             offset += tensor.numel()

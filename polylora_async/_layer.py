@@ -85,7 +85,9 @@ class MultiLoraLinear(nn.Module):
         assert slot != 0, "slot 0 is the base model"
         self.slot_ranks[slot] = rank
         self.slot_scales[slot] = scale if rank else 0.0
-        self._active = tuple(r > 0 for r in self.slot_ranks)
+        # Straight into the instance dict: nn.Module.__setattr__ (which looks for parameters,
+        # buffers and submodules first) cost more than the rest of this method.
+        self.__dict__["_active"] = tuple(r > 0 for r in self.slot_ranks)
         return self._ranks_dev[slot : slot + 1], self._scales_dev[slot : slot + 1]
 
     def _apply(self, fn: Any, recurse: bool = True) -> MultiLoraLinear:

@@ -21,6 +21,7 @@ from ._adapters import (
     raw_from_state_dict,
     read_peft_directory,
     validate_adapter,
+    view_at,
 )
 from ._batch import BatchContext, BatchState, MixedSharedInputError
 from ._config import BASE_ADAPTER, WrapConfig
@@ -288,8 +289,7 @@ class MultiLoraModel(nn.Module):
         base, itemsize = storage.data_ptr(), storage.element_size()
 
         def on_device(tensor: torch.Tensor) -> torch.Tensor:
-            start = (tensor.data_ptr() - base) // itemsize
-            return staged[start : start + tensor.numel()].view(tensor.shape)
+            return view_at(staged, (tensor.data_ptr() - base) // itemsize, tensor.shape)
 
         targets: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
