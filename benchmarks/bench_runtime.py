@@ -22,6 +22,7 @@ import asyncio
 import copy
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -234,7 +235,9 @@ async def scheduler_overhead(quick: bool, repeats: int = 5) -> dict[str, Any]:
 
     n = 2000 if quick else 20000
     ids = [torch.randint(0, 9, (random.randint(1, 8),)) for _ in range(n)]
+    requests = [("a" if i % 2 else BASE_ADAPTER, x) for i, x in enumerate(ids)]
     runs = []
+    closed = []
     for _ in range(1 if quick else repeats):
         trivial = Trivial()
         model = MultiLoraModel(trivial, WrapConfig(["proj"], max_rank=4, num_slots=4))
@@ -243,13 +246,17 @@ async def scheduler_overhead(quick: bool, repeats: int = 5) -> dict[str, Any]:
             runtime.register_adapter("a", synthetic_adapter({"proj": (4, 4)}, 4, seed=0))
             await runtime.store.preload(["a"], pin=True)
             await asyncio.gather(*(runtime.submit({"input_ids": x}, "a") for x in ids[:256]))
+            # A burst: every request submitted at once (the queue holds all of them).
             trivial.forward_seconds = 0.0
             t0 = time.perf_counter()
-            await asyncio.gather(
-                *(runtime.submit({"input_ids": x}, "a" if i % 2 else BASE_ADAPTER) for i, x in enumerate(ids))
-            )
+            await asyncio.gather(*(runtime.submit({"input_ids": x}, adapter) for adapter, x in requests))
             wall = time.perf_counter() - t0
-        runs.append((wall, trivial.forward_seconds, await asyncio_floor(n)))
+            runs.append((wall, trivial.forward_seconds, await asyncio_floor(n)))
+            # A steady load: 256 clients, each sending its next request when the last one returns.
+            trivial.forward_seconds = 0.0
+            t0 = time.perf_counter()
+            await closed_loop(runtime, requests, clients=256)
+            closed.append((time.perf_counter() - t0 - trivial.forward_seconds) / n * 1e6)
     runs.sort(key=lambda run: run[0] - run[1])
     wall, forward_s, floor = runs[len(runs) // 2]  # the run of median overhead
     return {
@@ -261,6 +268,8 @@ async def scheduler_overhead(quick: bool, repeats: int = 5) -> dict[str, Any]:
         "total_us_per_request": wall / n * 1e6,
         "overhead_us_per_request_all_runs": sorted((w - f) / n * 1e6 for w, f, _ in runs),
         "asyncio_floor_us_per_request": floor,
+        "closed_loop_256_overhead_us_per_request": statistics.median(closed),
+        "closed_loop_256_all_runs": sorted(closed),
     }
 
 
@@ -357,6 +366,10 @@ def main() -> None:
         f"scheduler overhead (trivial model): {so['overhead_us_per_request']:.1f} us/request "
         f"({so['total_us_per_request']:.1f} us/request in total, {so['requests']} requests, median of "
         f"{so['runs']} runs; asyncio alone in the same pattern: {so['asyncio_floor_us_per_request']:.1f} us/request)"
+    )
+    print(
+        f"scheduler overhead, 256 closed-loop clients: {so['closed_loop_256_overhead_us_per_request']:.1f} us/request "
+        f"(median of {so['runs']} runs)"
     )
     for label, values in out["cold_adapters"].items():
         rise = f", p99 {values['p99_rise_pct']:+.1f}% vs hot only" if "p99_rise_pct" in values else ""
