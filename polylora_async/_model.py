@@ -151,7 +151,7 @@ class MultiLoraModel(nn.Module):
         """
         _check_adapter_id(adapter_id)
         if isinstance(source, AdapterWeights):
-            return pack_weights(source, pin_memory=True) if pin_memory else source
+            return pack_weights(source, pin_memory=True, dtype=self.dtype) if pin_memory else source
         if isinstance(source, RawAdapter):
             raw = source
         elif isinstance(source, (str, os.PathLike)):
