@@ -29,10 +29,26 @@ def stage_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:
     return pack_weights(weights, pin_memory=pin)
 
 
+def host_bytes(weights: AdapterWeights) -> int:
+    """Host memory the weights take: ``nbytes``, or for page-locked storage what the allocator
+    really reserves for it. PyTorch's pinned-memory allocator rounds every allocation up to a power
+    of two (a 33 MiB adapter takes 64 MiB), and page-locked memory is the scarce kind: the CPU
+    tier's byte bound counts what is really taken."""
+    storage = weights.storage
+    if storage is None or not storage.is_pinned():
+        return weights.nbytes
+    return max(weights.nbytes, _power_of_two_ceil(storage.numel() * storage.element_size()))
+
+
+def _power_of_two_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @dataclass
 class _CpuEntry:
     weights: AdapterWeights
     sticky: bool
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -50,7 +66,7 @@ class CpuPutResult:
 
 
 class CpuTier:
-    """Validated weights in host memory; LRU bounded in bytes (``AdapterWeights.nbytes``).
+    """Validated weights in host memory; LRU bounded in bytes (:func:`host_bytes` of each entry).
 
     *Sticky* entries are the only copy of an adapter registered from memory (not yet spilled to
     the disk cache): they count toward the bound but are never evicted. Invariant after every
@@ -98,12 +114,12 @@ class CpuTier:
     def put(self, key: Hashable, weights: AdapterWeights, *, sticky: bool = False) -> CpuPutResult:
         """Insert (or replace) an entry as most recently used, evicting others to stay in bounds."""
         self.remove(key)
-        size = weights.nbytes
+        size = host_bytes(weights)
         # A sticky entry is stored whatever it takes (evicting everything evictable if needed).
         evicted = self._make_room(size, partial=sticky)
         if evicted is None:
             return CpuPutResult(stored=False, evicted=())
-        self._entries[key] = _CpuEntry(weights, sticky)
+        self._entries[key] = _CpuEntry(weights, sticky, size)
         self.nbytes += size
         if sticky:
             self.sticky_bytes += size
@@ -115,7 +131,7 @@ class CpuTier:
         if entry is None or entry.sticky == sticky:
             return ()
         entry.sticky = sticky
-        size = entry.weights.nbytes
+        size = entry.nbytes
         self.sticky_bytes += size if sticky else -size
         if sticky:
             return ()
@@ -126,9 +142,9 @@ class CpuTier:
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
-        self.nbytes -= entry.weights.nbytes
+        self.nbytes -= entry.nbytes
         if entry.sticky:
-            self.sticky_bytes -= entry.weights.nbytes
+            self.sticky_bytes -= entry.nbytes
         return True
 
     def _make_room(self, size: int, *, partial: bool = False) -> tuple[Hashable, ...] | None:
@@ -141,7 +157,7 @@ class CpuTier:
         if excess <= 0:
             return ()
         evictable = [(k, e) for k, e in self._entries.items() if not e.sticky]
-        if not partial and sum(e.weights.nbytes for _, e in evictable) < excess:
+        if not partial and sum(e.nbytes for _, e in evictable) < excess:
             return None
         # Two passes in LRU order: entries nobody is waiting for first, then demanded ones.
         order = [k for k, _ in evictable if self._demand_of(k) <= 0]
@@ -151,7 +167,7 @@ class CpuTier:
             if excess <= 0:
                 break
             entry = self._entries.pop(key)
-            self.nbytes -= entry.weights.nbytes
-            excess -= entry.weights.nbytes
+            self.nbytes -= entry.nbytes
+            excess -= entry.nbytes
             evicted.append(key)
         return tuple(evicted)

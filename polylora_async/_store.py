@@ -114,7 +114,9 @@ class StoreConfig:
     """How much each tier holds and how loads behave.
 
     Args:
-        cpu_bytes: bound of the CPU tier in bytes of validated weights (``AdapterWeights.nbytes``);
+        cpu_bytes: bound of the CPU tier in bytes of host memory: validated weights
+            (``AdapterWeights.nbytes``), page-locked ones as the pinned allocator reserves them
+            (rounded up to a power of two per adapter);
             0 disables caching there (in-memory adapters are still kept, see :class:`AdapterStore`).
         disk_dir: directory of the disk cache; None disables the disk tier.
         disk_bytes: bound of the disk cache in file bytes (None: unbounded).

@@ -13,7 +13,7 @@ import torch
 
 from polylora_async import AdapterLoadError
 from polylora_async._adapters import AdapterWeights, LayerLora, LayerShape, RawAdapter, validate_adapter
-from polylora_async._cpu_tier import CpuTier, stage_weights
+from polylora_async._cpu_tier import CpuTier, host_bytes, stage_weights
 from polylora_async._disk_tier import (
     ENTRIES_DIR,
     MANIFEST_FILE,
@@ -63,7 +63,7 @@ class _FakeClock:
 
 def _check_bound(tier: CpuTier) -> None:
     held = [tier.peek(k) for k in tier.keys()]
-    assert tier.nbytes == sum(w.nbytes for w in held if w is not None) and None not in held
+    assert tier.nbytes == sum(host_bytes(w) for w in held if w is not None) and None not in held
     assert tier.nbytes <= max(tier.capacity_bytes, tier.sticky_bytes)
 
 
@@ -481,3 +481,34 @@ def test_disk_closed_cache_refuses_writes(tmp_path: Path) -> None:
     assert not cache.write("b", "t", _raw(2)).written
     assert cache.read("a", "t") is None
     assert list((tmp_path / TMP_DIR).iterdir()) == []
+
+
+class _PinnedStorage:
+    """Stands in for a page-locked storage of ``n`` bytes (no CUDA on the test machine)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def is_pinned(self) -> bool:
+        return True
+
+    def numel(self) -> int:
+        return self.n
+
+    def element_size(self) -> int:
+        return 1
+
+
+def test_cpu_tier_counts_pinned_weights_as_the_allocator_reserves_them() -> None:
+    mib = 1 << 20
+    unpinned = _weights("plain", 33 * mib)
+    assert host_bytes(unpinned) == 33 * mib
+    exact = AdapterWeights("exact", {}, "t", nbytes=64 * mib, storage=_PinnedStorage(64 * mib))  # type: ignore[arg-type]
+    odd = AdapterWeights("odd", {}, "t", nbytes=33 * mib, storage=_PinnedStorage(33 * mib))  # type: ignore[arg-type]
+    assert host_bytes(exact) == 64 * mib and host_bytes(odd) == 64 * mib
+    tier = CpuTier(100 * mib)
+    assert tier.put("odd", odd).stored and tier.nbytes == 64 * mib
+    # 64 + 64 MiB would exceed the bound that 33 + 33 MiB of weights alone would have kept.
+    assert tier.put("odd2", odd).evicted == ("odd",)
+    _check_bound(tier)
+    assert tier.nbytes == 64 * mib and tier.remove("odd2") and tier.nbytes == 0
