@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,6 +11,17 @@ from torch import nn
 from ._adapters import LayerLora
 from ._batch import BatchContext, BatchState, MixedSharedInputError
 from .kernels import lora_apply_trusted_
+
+
+@dataclass
+class SlotWritePlan:
+    """The copies, zero-fills and table entries of one layer's slot write (see ``plan_slot_write``)."""
+
+    targets: list[torch.Tensor]  # slot views to copy into
+    sources: list[torch.Tensor]  # what to copy, one per target
+    stale: list[torch.Tensor]  # slot views past the new rank, to zero
+    rank_entry: torch.Tensor  # one-element view of the device rank table
+    scale_entry: torch.Tensor  # one-element view of the device scale table
 
 
 class MultiLoraLinear(nn.Module):
@@ -62,19 +74,35 @@ class MultiLoraLinear(nn.Module):
         """Place one adapter's factors for this layer into ``slot`` (None: rank 0 here).
 
         For one layer at a time (tests, benchmarks); the model writes a whole adapter into every
-        layer at once with :meth:`MultiLoraModel.write_slot`, with a few calls in all.
+        layer at once with :meth:`MultiLoraModel.write_slot`, batching the same plan's copies.
         """
-        r = 0 if lora is None else lora.rank
-        if lora is not None:
-            self.lora_a[slot, :r].copy_(lora.a, non_blocking=True)
-            self.lora_b[slot, :r].copy_(lora.b.t(), non_blocking=True)
-        self.lora_a[slot, r:].zero_()
-        self.lora_b[slot, r:].zero_()
-        rank_entry, scale_entry = self.set_slot_rank(slot, r, 0.0 if lora is None else lora.scale)
+        plan = self.plan_slot_write(slot, lora)
+        for target, source in zip(plan.targets, plan.sources, strict=True):
+            target.copy_(source, non_blocking=True)
+        for stale in plan.stale:
+            stale.zero_()
         # fill_ with a Python number is a kernel on the current (copy) stream; item assignment
         # (`t[slot] = value`) may copy a host scalar instead, which waits for the stream's work.
-        rank_entry.fill_(r)
-        scale_entry.fill_(self.slot_scales[slot])
+        plan.rank_entry.fill_(self.slot_ranks[slot])
+        plan.scale_entry.fill_(self.slot_scales[slot])
+
+    def plan_slot_write(
+        self, slot: int, lora: LayerLora | None, a: torch.Tensor | None = None, b: torch.Tensor | None = None
+    ) -> SlotWritePlan:
+        """What writing ``lora`` into ``slot`` takes, for the caller to issue; records the rank on the host.
+
+        ``a`` / ``b``: where to copy the factors from (default ``lora.a`` / ``lora.b``; e.g. their
+        copies already on the device).
+        """
+        r = 0 if lora is None else lora.rank
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        if lora is not None:
+            targets = [self.lora_a[slot, :r], self.lora_b[slot, :r]]
+            sources = [lora.a if a is None else a, (lora.b if b is None else b).t()]
+        stale = [self.lora_a[slot, r:], self.lora_b[slot, r:]] if r < self.max_rank else []
+        rank_entry, scale_entry = self.set_slot_rank(slot, r, 0.0 if lora is None else lora.scale)
+        return SlotWritePlan(targets, sources, stale, rank_entry, scale_entry)
 
     def set_slot_rank(self, slot: int, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Record ``slot``'s rank and scale on the host; returns the device table entries to fill.

@@ -298,15 +298,15 @@ class MultiLoraModel(nn.Module):
         scales: dict[float, list[torch.Tensor]] = {}
         for name, layer in self._layers.items():
             lora = packed.layers.get(name)
-            r = 0 if lora is None else lora.rank
-            if lora is not None:
-                targets += [layer.lora_a[slot, :r], layer.lora_b[slot, :r]]
-                sources += [on_device(lora.a), on_device(lora.b).t()]
-            if r < layer.max_rank:
-                stale += [layer.lora_a[slot, r:], layer.lora_b[slot, r:]]
-            rank_entry, scale_entry = layer.set_slot_rank(slot, r, 0.0 if lora is None else lora.scale)
-            ranks.setdefault(r, []).append(rank_entry)
-            scales.setdefault(layer.slot_scales[slot], []).append(scale_entry)
+            if lora is None:
+                plan = layer.plan_slot_write(slot, None)
+            else:
+                plan = layer.plan_slot_write(slot, lora, on_device(lora.a), on_device(lora.b))
+            targets += plan.targets
+            sources += plan.sources
+            stale += plan.stale
+            ranks.setdefault(layer.slot_ranks[slot], []).append(plan.rank_entry)
+            scales.setdefault(layer.slot_scales[slot], []).append(plan.scale_entry)
         if targets:
             torch._foreach_copy_(targets, sources, non_blocking=True)
         if stale:
