@@ -82,20 +82,19 @@ class Loader:
         self.model = model
         self.pin = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.pin else None
-        # Older versions of the package read and validated without a pin_memory option.
-        self.options = {"pin_memory": True} if self.pin else {}
-        self.read_takes_pin = "pin_memory" in inspect.signature(read_peft_directory).parameters
+        # Older versions of the package read and validated without a pin_memory option: decided once
+        # here, not in the timed calls.
+        def pin_option(fn: Any) -> dict[str, bool]:
+            return {"pin_memory": True} if self.pin and "pin_memory" in inspect.signature(fn).parameters else {}
+
+        self.read_options = pin_option(read_peft_directory)
+        self.validate_options = pin_option(model.prepare_adapter)
 
     def read(self, path: Path) -> Any:
-        if self.pin and self.read_takes_pin:
-            return read_peft_directory("x", path, pin_memory=True)
-        return read_peft_directory("x", path)
+        return read_peft_directory("x", path, **self.read_options)
 
     def validate(self, raw: Any) -> Any:
-        if self.pin and "pin_memory" in inspect.signature(self.model.prepare_adapter).parameters:
-            weights = self.model.prepare_adapter("x", raw, pin_memory=True)
-        else:
-            weights = self.model.prepare_adapter("x", raw)
+        weights = self.model.prepare_adapter("x", raw, **self.validate_options)
         return stage_weights(weights, pin=self.pin)
 
     def write(self, weights: Any) -> None:

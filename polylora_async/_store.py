@@ -1310,9 +1310,11 @@ class AdapterStore:
             raw = None
             weights = self._fit(ref.adapter_id, source)
         else:
-            if not isinstance(source, RawAdapter):
-                source = read_peft_directory(ref.adapter_id, source, pin_memory=self._pin)
-            raw = source
+            raw = (
+                source
+                if isinstance(source, RawAdapter)
+                else read_peft_directory(ref.adapter_id, source, pin_memory=self._pin)
+            )
             weights = self.model.prepare_adapter(ref.adapter_id, raw, pin_memory=self._pin)
         return raw, stage_weights(weights, pin=self._pin)
 
