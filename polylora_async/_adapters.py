@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from ._heads import HeadSpec, check_head, split_head_key
 from ._errors import (
     AdapterFormatError,
     AdapterLoadError,
     PolyLoraWarning,
     UnsupportedAdapterError,
 )
+from ._heads import HeadSpec, check_head, split_head_key
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"

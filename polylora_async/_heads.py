@@ -130,7 +130,8 @@ def check_head(
         out[key] = tensor.detach()
     if len(widths) > 1:
         raise AdapterFormatError(
-            f"{where}: module {head!r} has output tensors of different sizes {sorted(widths)} ({sorted(spec.output_keys)})"
+            f"{where}: module {head!r} has output tensors of different sizes {sorted(widths)} "
+            f"({sorted(spec.output_keys)})"
         )
     return out
 

@@ -113,11 +113,11 @@ def save_classifier_adapters(family: str, labels: dict[str, int], root: Path, ba
     paths: dict[str, Path] = {}
     references: dict[str, nn.Module] = {}
     for i, (name, k) in enumerate(labels.items()):
-        torch.manual_seed(100 + i)
         peft_model = get_peft_model(
             build(family, k),
             LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
         )
+        torch.manual_seed(100 + i)  # after build(), which seeds itself
         with torch.no_grad():  # distinct LoRA factors and heads per adapter
             for n, p in peft_model.named_parameters():
                 if "lora_" in n or "modules_to_save" in n:
@@ -146,7 +146,8 @@ def wrap(cset: ClassifierSet, **config: Any) -> Any:
     """A MultiLoraModel over a copy of the base with every adapter loaded from its directory."""
     from polylora_async import MultiLoraModel, WrapConfig
 
-    model = MultiLoraModel(copy.deepcopy(cset.base), WrapConfig(target_modules=FAMILIES[cset.family][0], max_rank=8, **config))
+    wrap_config = WrapConfig(target_modules=FAMILIES[cset.family][0], max_rank=8, **config)
+    model = MultiLoraModel(copy.deepcopy(cset.base), wrap_config)
     for name, path in cset.paths.items():
         model.load_adapter(name, path)
     return model
