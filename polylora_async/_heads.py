@@ -173,7 +173,10 @@ class MultiLoraHead(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
         ctx = self._state.current
-        slots = ctx.meta.row_slots_host if ctx is not None else ()
+        if ctx is not None:
+            slots = ctx.meta.row_slots_host
+        else:  # called outside a MultiLoraModel forward: every row is a base row
+            slots = (0,) * (out.shape[0] if isinstance(out, torch.Tensor) and out.dim() > 0 else 0)
         groups: dict[int, list[int]] = {}
         for row, slot in enumerate(slots):
             if self._copies[slot] is not None:

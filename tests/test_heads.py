@@ -271,3 +271,36 @@ def test_config_lists_heads_as_peft_saves_them(bert: ClassifierSet) -> None:
     assert "classifier" in config["modules_to_save"]
     saved = load_file(str(bert.paths["three"] / "adapter_model.safetensors"))
     assert any(k.startswith("base_model.model.classifier.") for k in saved)
+
+
+def test_weights_validated_elsewhere_keep_their_heads(bert: ClassifierSet) -> None:
+    from polylora_async._disk_tier import weights_to_raw
+
+    donor = _fresh(bert)
+    weights = donor.prepare_adapter("seven", bert.paths["seven"])
+    model = _fresh(bert)
+    # What the disk tier writes and reads back for an adapter it only has in memory.
+    again = model.prepare_adapter("seven", weights_to_raw(weights))
+    for key, tensor in weights.heads["classifier"].items():
+        assert torch.equal(again.heads["classifier"][key], tensor)
+    assert again.nbytes == weights.nbytes
+    model.load_adapter("seven", again)
+    ids, mask = padded([6, 3], 0, seed=9)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, adapter_ids=["__base__", "seven"]).logits
+    torch.testing.assert_close(logits[1], bert.solo("seven", ids[1, :3]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+async def test_store_takes_weights_validated_by_another_model(bert: ClassifierSet) -> None:
+    weights = _fresh(bert).prepare_adapter("seven", bert.paths["seven"])
+    model = _fresh(bert)
+    async with asyncio.timeout(50):
+        async with AdapterStore(model, StoreConfig(min_residency_s=0.0)) as store:
+            slot = await store.ensure_gpu(store.register("seven", weights))
+            assert store.statistics().gpu.resident_bytes == sum(_file_bytes(bert.paths["seven"]))
+            ids, mask = padded([5, 8], 0, seed=4)
+            with torch.no_grad():
+                logits = model.forward_slots([slot, 0], input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[0], bert.solo("seven", ids[0, :5]), rtol=1e-4, atol=1e-5)
+    assert torch.isnan(logits[1, 3:]).all()
