@@ -167,7 +167,8 @@ class MultiLoraModel(nn.Module):
     def head_width_probe(self, name: str) -> Iterator[None]:
         """While active, the wrapped head ``name`` returns one extra NaN column on its output axis
         (its last) for every row: comparing a forward pass with a normal one shows which axes of
-        the model's outputs follow that head's width.
+        the model's outputs follow that head's width. It holds the model's lock while active:
+        forward passes from other threads wait until it ends.
 
         Raises:
             KeyError: ``name`` is not a wrapped head.
