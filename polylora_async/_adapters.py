@@ -28,6 +28,7 @@ from ._errors import (
     PolyLoraWarning,
     UnsupportedAdapterError,
 )
+from ._heads import HeadSpec, check_head, split_head_key
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -87,7 +88,6 @@ _HARMLESS_KEYS = frozenset(
 _UNSUPPORTED_FLAGS: dict[str, str] = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "LoRA bias on lora_B",
-    "modules_to_save": "fully trained copies of modules (`modules_to_save`)",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on raw parameters (`target_parameters`)",
     "trainable_token_indices": "trainable token embeddings",
@@ -154,8 +154,12 @@ class AdapterWeights:
     origin: str
     nbytes: int = field(default=0)
     storage: torch.Tensor | None = None
-    """When set: a 1-D tensor of the weights' dtype that every ``a`` and ``b`` is a view of
-    (:func:`pack_weights`). A slot write then moves the whole adapter to the device in one copy."""
+    """When set: a 1-D tensor of the weights' dtype that every ``a`` and ``b`` (and every head
+    tensor) is a view of (:func:`pack_weights`). A slot write then moves the whole adapter to the
+    device in one copy."""
+    heads: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    """The adapter's own copies of whole modules (``modules_to_save``): wrapped head name -> its
+    state dict (keys relative to the module). Counted in :attr:`nbytes`."""
 
     @property
     def max_rank(self) -> int:
@@ -412,6 +416,7 @@ def validate_adapter(
     dtype: torch.dtype,
     *,
     pin_memory: bool = False,
+    heads: Mapping[str, HeadSpec] | None = None,
 ) -> AdapterWeights:
     """Check a raw adapter against the wrapped layers and turn it into :class:`AdapterWeights`.
 
@@ -425,6 +430,8 @@ def validate_adapter(
         max_rank: the largest rank the model's slots hold.
         dtype: the dtype weights are converted to (the base layers' dtype).
         pin_memory: the storage must be page-locked (for asynchronous copies to a GPU).
+        heads: wrapped head modules (``modules_to_save``) -> what a copy of each must look like;
+            tensors of other saved modules are refused.
 
     Raises:
         UnsupportedAdapterError: a PEFT feature this runtime does not serve.
@@ -434,11 +441,25 @@ def validate_adapter(
     spec = _LoraSpec.parse(where, raw.config)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.tensors.items():
-        module, part = _split_key(where, key)
+        if ".original_module." in key:  # a live PeftModel's state_dict(): the base module's own copy
+            continue
+        head = split_head_key(key, heads) if heads and _KEY.match(key) is None else None
+        if head is not None:
+            saved.setdefault(head[0], {})[head[1]] = tensor
+            continue
+        if _KEY.match(key) is None and _listed_copy(key, raw.config.get("modules_to_save")):
+            raise UnsupportedAdapterError(
+                f"{where}: tensor {key!r} belongs to a module the adapter saves whole (`modules_to_save`="
+                f"{raw.config.get('modules_to_save')!r}) that the model does not wrap as a head (wrapped heads: "
+                f"{sorted(heads or ())}); name it in WrapConfig(modules_to_save=[...])"
+            )
+        module, part = _split_key(where, key, heads)
         pairs.setdefault(module, {})[part] = tensor
-    if not pairs:
+    if not pairs and not saved:
         raise AdapterFormatError(f"{where}: the weights hold no LoRA tensors")
+    head_tensors = {name: check_head(where, name, heads[name], t) for name, t in saved.items()} if heads else {}
 
     resolver = _NameResolver(layers)
     found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -477,8 +498,16 @@ def validate_adapter(
             a, b = a.detach(), b.detach()
         found[layer_name] = (a, b, spec.scale_for(module, rank))
     packed_dtype = _packed_dtype(raw)
-    _check_finite(where, raw, pairs, packed_dtype)
-    return _pack(adapter_id, raw, found, dtype, pin_memory, packed_dtype)
+    _check_finite(where, raw, {**pairs, **head_tensors}, packed_dtype)
+    return _pack(adapter_id, raw, found, dtype, pin_memory, packed_dtype, head_tensors)
+
+
+def _listed_copy(key: str, listed: object) -> bool:
+    """Whether ``key`` lies inside a module named in a config's ``modules_to_save`` list."""
+    if not isinstance(listed, (list, tuple)):
+        return False
+    parts = key.split(".")
+    return any(name in parts[:-1] for name in listed if isinstance(name, str))
 
 
 def _packed_dtype(raw: RawAdapter) -> torch.dtype | None:
@@ -521,6 +550,7 @@ def _pack(
     dtype: torch.dtype,
     pin_memory: bool,
     source_dtype: torch.dtype | None,
+    heads: Mapping[str, Mapping[str, torch.Tensor]],
 ) -> AdapterWeights:
     """Validated factors as views of one storage of ``dtype`` (see :attr:`AdapterWeights.storage`).
 
@@ -528,8 +558,9 @@ def _pack(
     """
     buffer = raw.buffer
     if buffer is None or source_dtype is None:
+        layers = {n: LayerLora(a, b, s) for n, (a, b, s) in found.items()}
         return pack_weights(
-            AdapterWeights(adapter_id, {n: LayerLora(a, b, s) for n, (a, b, s) in found.items()}, raw.origin),
+            AdapterWeights(adapter_id, layers, raw.origin, heads=heads),
             pin_memory=pin_memory,
             dtype=dtype,
         )
@@ -539,7 +570,8 @@ def _pack(
     if source_dtype == dtype and (buffer.is_pinned() or not pin_memory):
         # The factors already are views of this memory: nothing to copy, nothing to re-view.
         layers = {n: LayerLora(a, b, s) for n, (a, b, s) in found.items()}
-        return AdapterWeights(adapter_id, layers, raw.origin, nbytes=source.numel() * dtype.itemsize, storage=source)
+        nbytes = source.numel() * dtype.itemsize
+        return AdapterWeights(adapter_id, layers, raw.origin, nbytes=nbytes, storage=source, heads=heads)
     storage = torch.empty(source.numel(), dtype=dtype, pin_memory=pin_memory)
     storage.copy_(source)
     base, itemsize = buffer.data_ptr(), source_dtype.itemsize
@@ -548,7 +580,9 @@ def _pack(
         return view_at(storage, (tensor.data_ptr() - base) // itemsize, tensor.shape)
 
     layers = {n: LayerLora(moved(a), moved(b), s) for n, (a, b, s) in found.items()}
-    return AdapterWeights(adapter_id, layers, raw.origin, nbytes=storage.numel() * dtype.itemsize, storage=storage)
+    placed = {h: {k: moved(t) for k, t in tensors.items()} for h, tensors in heads.items()}
+    nbytes = storage.numel() * dtype.itemsize
+    return AdapterWeights(adapter_id, layers, raw.origin, nbytes=nbytes, storage=storage, heads=placed)
 
 
 def pack_weights(weights: AdapterWeights, *, pin_memory: bool, dtype: torch.dtype | None = None) -> AdapterWeights:
@@ -563,33 +597,42 @@ def pack_weights(weights: AdapterWeights, *, pin_memory: bool, dtype: torch.dtyp
         if current.is_pinned() or not pin_memory:
             return weights
     total = sum(lora.a.numel() + lora.b.numel() for lora in weights.layers.values())
+    total += sum(t.numel() for tensors in weights.heads.values() for t in tensors.values())
     storage = torch.empty(total, dtype=dtype, pin_memory=pin_memory)
-    layers: dict[str, LayerLora] = {}
     offset = 0
-    for name, lora in weights.layers.items():
-        placed = []
-        for tensor in (lora.a, lora.b):
-            view = view_at(storage, offset, tensor.shape)
-            view.copy_(tensor.detach())
-            placed.append(view)
-            offset += tensor.numel()
-        layers[name] = LayerLora(placed[0], placed[1], lora.scale)
+
+    def place(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal offset
+        view = view_at(storage, offset, tensor.shape)
+        view.copy_(tensor.detach())
+        offset += tensor.numel()
+        return view
+
+    layers = {name: LayerLora(place(lora.a), place(lora.b), lora.scale) for name, lora in weights.layers.items()}
+    heads = {h: {k: place(t) for k, t in tensors.items()} for h, tensors in weights.heads.items()}
     nbytes = total * storage.element_size()
-    return AdapterWeights(weights.adapter_id, layers, weights.origin, nbytes=nbytes, storage=storage)
+    return AdapterWeights(weights.adapter_id, layers, weights.origin, nbytes=nbytes, storage=storage, heads=heads)
 
 
-def _split_key(where: str, key: str) -> tuple[str, str]:
+def _split_key(where: str, key: str, heads: Mapping[str, HeadSpec] | None = None) -> tuple[str, str]:
     if "lora_magnitude_vector" in key:
         raise UnsupportedAdapterError(f"{where}: DoRA weights are not supported (tensor {key!r})")
     if "modules_to_save" in key:
-        raise UnsupportedAdapterError(f"{where}: `modules_to_save` weights are not supported (tensor {key!r})")
+        wrapped = sorted(heads or ())
+        raise UnsupportedAdapterError(
+            f"{where}: tensor {key!r} is a saved copy of a module (`modules_to_save`) that the model does not "
+            f"wrap as a head (wrapped heads: {wrapped}); name the module in WrapConfig(modules_to_save=[...])"
+        )
     if "lora_embedding_" in key:
         raise UnsupportedAdapterError(f"{where}: LoRA on embedding layers is not supported (tensor {key!r})")
     if re.search(r"\.lora_B(\.[^.]+)?\.bias$", key):
         raise UnsupportedAdapterError(f"{where}: LoRA bias is not supported (tensor {key!r})")
     match = _KEY.match(key)
     if match is None:
-        raise AdapterFormatError(f"{where}: tensor {key!r} is not a LoRA weight (expected '...lora_A.weight')")
+        raise AdapterFormatError(
+            f"{where}: tensor {key!r} is not a LoRA weight (expected '...lora_A.weight') nor a tensor of a "
+            f"wrapped head module (`modules_to_save`; wrapped heads: {sorted(heads or ())})"
+        )
     module = match["module"]
     for prefix in ("base_model.model.",):
         if module.startswith(prefix):

@@ -24,14 +24,25 @@ class WrapConfig:
         num_slots: how many adapters can be resident at once (on the model's device), not
             counting the base model, which always has slot 0.
         exclude_modules: names (same matching rules) never wrapped even if targeted.
+        modules_to_save: modules adapters may carry whole copies of (PEFT's ``modules_to_save``,
+            e.g. classification heads), matched like a ``target_modules`` list; each matching
+            module (outermost matches only) is wrapped at wrap time so every slot can hold its own
+            copy. ``None`` (the default): the modules PEFT saves for ``SEQ_CLS`` / ``TOKEN_CLS``
+            adapters, ``classifier`` and ``score``, where the model has them; ``()``: none.
     """
 
     target_modules: Sequence[str] | str
     max_rank: int = 64
     num_slots: int = 8
     exclude_modules: Sequence[str] | str | None = None
+    modules_to_save: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.modules_to_save is not None:
+            names = self.modules_to_save
+            if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(f"`modules_to_save` must be a list of module names, got {names!r}")
+            object.__setattr__(self, "modules_to_save", tuple(names))
         _check_patterns("target_modules", self.target_modules, allow_none=False)
         _check_patterns("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.target_modules, (list, set)):

@@ -90,6 +90,10 @@ def weights_to_raw(weights: AdapterWeights) -> RawAdapter:
         lora = weights.layers[name]
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora.a
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora.b
+    for head, saved in weights.heads.items():  # whole-module copies, keyed as PEFT saves them
+        config["modules_to_save"] = sorted(weights.heads)
+        for key, tensor in saved.items():
+            tensors[f"base_model.model.{head}.{key}"] = tensor
     return RawAdapter(config=config, tensors=tensors, origin=weights.origin)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from ._errors import (
     SlotsFullError,
     TargetModulesError,
 )
+from ._heads import HeadSpec, MultiLoraHead, find_heads, width_probe
 from ._layer import MultiLoraLinear
 from ._patches import apply_patches
 from .kernels import build_batch_meta
@@ -70,7 +73,9 @@ class MultiLoraModel(nn.Module):
         self._state = BatchState()
         self._lock = threading.RLock()
         self._layers: dict[str, MultiLoraLinear] = {}
+        self._heads: dict[str, MultiLoraHead] = {}
         self._wrap(model, config)
+        self._wrap_heads(model, config)
         self.patched_modules = apply_patches(model, self._state)
         # slot -> adapter id; slot 0 is the base model.
         self._slot_owner: list[str | None] = [BASE_ADAPTER] + [None] * config.num_slots
@@ -106,6 +111,73 @@ class MultiLoraModel(nn.Module):
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, layer)
             self._layers[name] = layer
+
+    def _wrap_heads(self, model: nn.Module, config: WrapConfig) -> None:
+        # Decided once, here: a module cannot be swapped for its wrapper while batches run.
+        found = find_heads(model, config.modules_to_save, skip=list(self._layers))
+        if config.modules_to_save is not None:
+            unmatched = [p for p in config.modules_to_save if not any(n == p or n.endswith("." + p) for n, _ in found)]
+            if unmatched:
+                raise TargetModulesError(
+                    f"`modules_to_save` entries {unmatched} match no module of {type(model).__name__}"
+                )
+        for name, module in found:
+            inner = [n for n in self._layers if n.startswith(name + ".")]
+            if inner:
+                raise TargetModulesError(
+                    f"module {name!r} is in `modules_to_save` but also holds LoRA targets {inner[:3]}: "
+                    "exclude them (`exclude_modules`) or do not save the module"
+                )
+            head = MultiLoraHead(module, name, self.config.num_slots + 1, self._state)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, head)
+            self._heads[name] = head
+
+    @property
+    def head_names(self) -> list[str]:
+        """Names of the wrapped head modules (``modules_to_save``), as paths inside the model."""
+        return list(self._heads)
+
+    def head_specs(self) -> dict[str, HeadSpec]:
+        return {n: h.spec for n, h in self._heads.items()}
+
+    def head_widths(self, slots: Sequence[int]) -> dict[str, list[int]]:
+        """Per-row output widths of the wrapped heads whose width varies among ``slots``.
+
+        A batch whose rows use heads of different output sizes (e.g. 3 and 10 labels) gets, from
+        such a head, a tensor as wide as the widest along the head's last axis; a row's values
+        beyond its own width are NaN. This says how wide each row really is.
+
+        Args:
+            slots: the batch's slot per row (as given to :meth:`forward_slots`).
+
+        Returns:
+            Head module name -> output width per row, only for heads whose width differs between
+            the rows; an empty dict when every row shares each head's width.
+        """
+        widths: dict[str, list[int]] = {}
+        for name, head in self._heads.items():
+            per_row = [head.width_of(s) for s in slots]
+            if len(set(per_row)) > 1:
+                widths[name] = [int(w or 0) for w in per_row]
+        return widths
+
+    @contextlib.contextmanager
+    def head_width_probe(self, name: str) -> Iterator[None]:
+        """While active, the wrapped head ``name`` returns one extra NaN column on its output axis
+        (its last) for every row: comparing a forward pass with a normal one shows which axes of
+        the model's outputs follow that head's width. It holds the model's lock while active:
+        forward passes from other threads wait until it ends.
+
+        Raises:
+            KeyError: ``name`` is not a wrapped head.
+        """
+        head = self._heads.get(name)
+        if head is None:
+            raise KeyError(f"{name!r} is not a wrapped head module (wrapped: {sorted(self._heads)})")
+        with self._lock, width_probe(head):
+            yield
 
     @property
     def layer_names(self) -> list[str]:
@@ -166,7 +238,13 @@ class MultiLoraModel(nn.Module):
                 "a PeftModel, a (state_dict, config) tuple, RawAdapter or AdapterWeights"
             )
         return validate_adapter(
-            adapter_id, raw, self.layer_shapes(), self.config.max_rank, self.dtype, pin_memory=pin_memory
+            adapter_id,
+            raw,
+            self.layer_shapes(),
+            self.config.max_rank,
+            self.dtype,
+            pin_memory=pin_memory,
+            heads=self.head_specs(),
         )
 
     def load_adapter(
@@ -279,7 +357,7 @@ class MultiLoraModel(nn.Module):
         """
         if not 1 <= slot <= self.config.num_slots:
             raise ValueError(f"slot must be in [1, {self.config.num_slots}], got {slot}")
-        unknown = set(weights.layers) - self._layers.keys()
+        unknown = (set(weights.layers) - self._layers.keys()) | (set(weights.heads) - self._heads.keys())
         if unknown:
             raise ValueError(f"adapter {weights.adapter_id!r} was validated for another model: {sorted(unknown)[:3]}")
         packed = pack_weights(weights, pin_memory=False, dtype=self.dtype)
@@ -290,6 +368,12 @@ class MultiLoraModel(nn.Module):
 
         def on_device(tensor: torch.Tensor) -> torch.Tensor:
             return view_at(staged, (tensor.data_ptr() - base) // itemsize, tensor.shape)
+
+        for name, head in self._heads.items():
+            copy = packed.heads.get(name)
+            # Own device memory per slot (the staged storage is freed after this write); cloned on
+            # the current stream, so nothing waits for the device.
+            head.set_slot(slot, None if copy is None else {k: on_device(t).clone() for k, t in copy.items()})
 
         targets: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
@@ -428,9 +512,19 @@ def _merge_rows(outputs: list[tuple[list[int], Any]], rows: int) -> Any:
     if isinstance(first, torch.Tensor):
         if first.dim() == 0 or first.shape[0] != len(outputs[0][0]):
             raise BatchInputError("a model output is not per-row; the batch cannot be split by adapter")
-        merged = first.new_empty((rows, *first.shape[1:]))
+        # Groups whose heads have different output widths differ in the last axis only: the merged
+        # tensor is as wide as the widest, narrower rows padded with NaN (as in one mixed batch).
+        width = max(out.shape[-1] for _, out in outputs) if first.dim() > 1 else None
+        if width is not None and any(out.shape[-1] != width for _, out in outputs):
+            merged = first.new_full((rows, *first.shape[1:-1], width), math.nan)
+        else:
+            merged = first.new_empty((rows, *first.shape[1:]))
         for members, out in outputs:
-            merged[torch.tensor(members, device=merged.device)] = out
+            index = torch.tensor(members, device=merged.device)
+            if out.shape[-1] != merged.shape[-1]:
+                merged[index, ..., : out.shape[-1]] = out
+            else:
+                merged[index] = out
         return merged
     if first is None:
         return None

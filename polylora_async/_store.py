@@ -68,6 +68,7 @@ from ._errors import (
     StoreClosedError,
 )
 from ._gpu_tier import GpuSlot, GpuSlots, SlotState, SlotWriter
+from ._heads import check_head
 from ._model import MultiLoraModel
 
 logger = logging.getLogger("polylora_async")
@@ -1357,7 +1358,17 @@ class AdapterStore:
             b = lora.b.detach().to(device="cpu", dtype=dtype)
             layers[name] = LayerLora(a=a, b=b, scale=float(lora.scale))
             nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-        return AdapterWeights(adapter_id=weights.adapter_id, layers=layers, origin=weights.origin, nbytes=nbytes)
+        specs = self.model.head_specs()
+        heads: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensors in weights.heads.items():
+            if name not in specs:
+                raise AdapterFormatError(f"{where}: module {name!r} is not a wrapped head of this model")
+            checked = check_head(where, name, specs[name], tensors)
+            heads[name] = {k: t.to(device="cpu", dtype=dtype) for k, t in checked.items()}
+            nbytes += sum(t.numel() * t.element_size() for t in heads[name].values())
+        return AdapterWeights(
+            adapter_id=weights.adapter_id, layers=layers, origin=weights.origin, nbytes=nbytes, heads=heads
+        )
 
 
 def _fingerprint_directory(path: Path) -> str | None:

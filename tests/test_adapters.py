@@ -93,7 +93,6 @@ def _refused(
         ("use_dora", True, "DoRA"),
         ("lora_bias", True, "LoRA bias"),
         ("bias", "all", "`bias`"),
-        ("modules_to_save", ["lm_head"], "modules_to_save"),
         ("peft_type", "IA3", "peft_type"),
         ("layer_replication", [[0, 1]], "layer_replication"),
     ],
