@@ -86,6 +86,7 @@ class RuntimeMetrics:
     polylora_batch_tokens                          histogram  -               batch()
     polylora_batch_adapters                        histogram  -               batch()
     polylora_split_batches_total                   counter    -               split_batch()
+    polylora_isolated_failures_total               counter    -               isolated_failure()
     polylora_batch_duration_seconds                histogram  -               batch_duration()
     polylora_requests_total                        counter    outcome         request_done()
     polylora_request_duration_seconds              histogram  -               request_done()
@@ -178,6 +179,11 @@ class RuntimeMetrics:
             "all rows into a wrapped layer.",
             registry=None,
         )
+        self._isolated_failures = Counter(
+            "polylora_isolated_failures_total",
+            "Requests failed alone after their batch failed and was re-run in parts to find them.",
+            registry=None,
+        )
         self._batch_duration = Histogram(
             "polylora_batch_duration_seconds",
             "Time to run one batch through the model, from launch to completion.",
@@ -214,6 +220,7 @@ class RuntimeMetrics:
                 self._hits, self._misses, self._load, self._evictions, self._reloads,
                 self._resident, self._cache_bytes, self._queue_depth,
                 self._batch_size, self._batch_tokens, self._batch_adapters, self._split_batches,
+                self._isolated_failures,
                 self._batch_duration, self._requests, self._request_duration, self._queue_wait,
             ],
         )
@@ -336,6 +343,10 @@ class RuntimeMetrics:
         into a wrapped layer of an architecture without a dedicated patch.
         """
         self._split_batches.inc()
+
+    def isolated_failure(self) -> None:
+        """Count one request failed alone: its batch failed and re-running it in parts found it."""
+        self._isolated_failures.inc()
 
     def batch_duration(self, seconds: float) -> None:
         """Record how long one batch took on the device, from launch to completion.

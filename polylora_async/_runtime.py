@@ -34,6 +34,7 @@ from ._errors import (
     OverloadedError,
     RequestTimeoutError,
     RuntimeClosedError,
+    StoreClosedError,
     WorkerCrashedError,
 )
 from ._metrics import RuntimeMetrics
@@ -144,6 +145,7 @@ class RuntimeStatistics:
     real_tokens: int
     split_batches: int
     store: StoreStatistics
+    isolated_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,10 @@ class Runtime:
         # whole batch (and on CUDA an out-of-range gather is a device assert that ends the process's
         # CUDA context), so submit() refuses it up front.
         self._vocab_size = _vocab_size(model.model)
+        # Likewise a row longer than the position table, or floats of another dtype than the
+        # weights, fail in the model; refused at submit instead (see _check_length_fits, _check_dtypes_fit).
+        self._max_positions = _max_positions(model.model)
+        self._float_dtype = _float_dtype(model.model)
         self._pending: dict[int, _Request] = {}  # insertion order = arrival order
         self._demand_counts: dict[object, int] = {}  # adapter key -> queued requests
         self._demand_dirty = False
@@ -230,6 +236,7 @@ class Runtime:
         self._room: asyncio.Condition | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._watchers: dict[object, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # every other task the runtime starts
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._completer: concurrent.futures.ThreadPoolExecutor | None = None
         self._copy_out: Any = None  # CUDA stream for output copies to the host (worker thread only)
@@ -250,6 +257,7 @@ class Runtime:
                 "rows",
                 "padded_tokens",
                 "real_tokens",
+                "isolated_failures",
             ),
             0,
         )
@@ -283,6 +291,7 @@ class Runtime:
         """
         if self._state in ("new", "closed"):
             self._state = "closed"
+            await _cancel_all(list(self._tasks))
             await self.store.aclose()
             return
         mode = shutdown or self.config.shutdown
@@ -296,8 +305,7 @@ class Runtime:
                 await asyncio.shield(self._scheduler_task)
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        for watcher in self._watchers.values():
-            watcher.cancel()
+        await _cancel_all([*self._watchers.values(), *self._tasks])
         self._fail_pending(lambda: RuntimeClosedError("the runtime closed before this request ran"))
         if self._state != "crashed":
             self._state = "closed"
@@ -312,24 +320,64 @@ class Runtime:
         """Make an adapter servable (a PEFT directory, a PeftModel, or a (state_dict, config) tuple).
 
         Registering an id again replaces it: requests already submitted finish on the old version.
+
+        Raises:
+            InputValidationError: ``adapter_id`` is not a non-empty string.
+            RuntimeClosedError: the runtime is closing or closed.
         """
-        self.store.register(adapter_id, source, peft_adapter_name=peft_adapter_name)
+        self._check_not_closed()
+        _check_adapter_id(adapter_id, "adapter_id")
+        with _closed_as_runtime_closed():
+            self.store.register(adapter_id, source, peft_adapter_name=peft_adapter_name)
 
     def unregister_adapter(self, adapter_id: str) -> None:
-        self.store.unregister(adapter_id)
+        """Forget an adapter; requests already submitted for it finish.
+
+        Raises:
+            InputValidationError: ``adapter_id`` is not a non-empty string.
+            AdapterNotFoundError: unknown id.
+            RuntimeClosedError: the runtime is closing or closed.
+        """
+        self._check_not_closed()
+        _check_adapter_id(adapter_id, "adapter_id")
+        with _closed_as_runtime_closed():
+            self.store.unregister(adapter_id)
 
     def prefetch(self, adapter_ids: Iterable[str]) -> None:
-        """Start loading adapters towards the GPU tier before requests for them arrive."""
-        asyncio.get_running_loop().create_task(self._prefetch_ids(list(adapter_ids)))
+        """Start loading adapters towards the GPU tier before requests for them arrive.
+
+        The load runs in a task the runtime owns (``aclose()`` cancels it); unknown ids are skipped.
+
+        Raises:
+            InputValidationError: ``adapter_ids`` is a string or not an iterable of non-empty strings.
+            RuntimeClosedError: the runtime is closing or closed.
+        """
+        self._check_not_closed()
+        if isinstance(adapter_ids, (str, bytes)) or not isinstance(adapter_ids, Iterable):
+            raise InputValidationError(f"`adapter_ids` must be an iterable of adapter ids, got {adapter_ids!r}")
+        ids = list(adapter_ids)
+        for adapter_id in ids:
+            _check_adapter_id(adapter_id, "adapter_ids")
+        self._spawn(self._prefetch_ids(ids), "polylora-prefetch")
 
     async def _prefetch_ids(self, adapter_ids: list[str]) -> None:
         refs = []
-        for adapter_id in adapter_ids:
-            with contextlib.suppress(Exception):
-                refs.append(await self.store.resolve(adapter_id))
-        self.store.prefetch(refs)
-        for ref in refs:
-            self.store.release_ref(ref)
+        try:
+            for adapter_id in adapter_ids:
+                with contextlib.suppress(Exception):
+                    refs.append(await self.store.resolve(adapter_id))
+            with contextlib.suppress(StoreClosedError):  # closed meanwhile: nothing left to warm
+                self.store.prefetch(refs)
+        finally:
+            for ref in refs:
+                self.store.release_ref(ref)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        """A task the runtime keeps until it ends, so none is lost and ``aclose()`` can end them all."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- submitting ---------------------------------------------------------------------------------
 
@@ -348,24 +396,31 @@ class Runtime:
         Raises:
             AdapterNotFoundError: unknown adapter id (raised before queueing).
             InputValidationError: empty inputs, mismatched lengths, wrong dtype or shape, token ids
-                outside the model's vocabulary.
+                outside the model's vocabulary, a row longer than the model's positions; an
+                ``adapter`` that is not a non-empty string; a ``timeout`` that is not a positive
+                finite number or None.
             RuntimeClosedError: the runtime is closing or closed.
             WorkerCrashedError: the runtime broke.
-            BatchFailedError: the batch holding this request failed; the cause is chained.
+            BatchFailedError: this request fails the model (its batch was re-run without it and
+                its neighbours got their results); the cause is chained.
             AdapterLoadError: the adapter could not be loaded.
         """
         # One coroutine frame per request: the awaits below are taken only on slow paths (an id
         # the resolver must find, a full queue) and for the result itself.
         loop = asyncio.get_running_loop()
+        _check_timeout(timeout)
         deadline = None if timeout is None else loop.time() + timeout
         self._check_open()
+        _check_adapter_id(adapter, "adapter")
+        _check_input_names(inputs)
+        self._check_dtypes_fit(inputs)
         tensors, length = self._validate(inputs)
+        self._check_length_fits(length)
         if adapter == BASE_ADAPTER:
             ref = None
         else:
-            if not isinstance(adapter, str) or not adapter:
-                raise InputValidationError(f"`adapter` must be a non-empty string, got {adapter!r}")
-            ref = self.store.resolve_registered(adapter) or await self.store.resolve(adapter)
+            with _closed_as_runtime_closed():
+                ref = self.store.resolve_registered(adapter) or await self.store.resolve(adapter)
         if len(self._pending) >= self.config.max_queue or self._state != "running":
             try:
                 await self._wait_for_room(deadline)
@@ -392,17 +447,23 @@ class Runtime:
         """Queue a request without waiting for room; returns a future of its result.
 
         The adapter must already be registered (it is resolved without awaiting a resolver).
+        Arguments are checked as :meth:`submit` checks them and raise the same errors.
 
         Raises:
             OverloadedError: the queue holds ``max_queue`` requests.
         """
         self._check_open()
+        _check_adapter_id(adapter, "adapter")
         if len(self._pending) >= self.config.max_queue:
             self._stats["rejected"] += 1
             self.metrics.request_done("rejected", 0.0)
             raise OverloadedError(f"the queue is full ({self.config.max_queue} requests); retry later")
+        _check_input_names(inputs)
+        self._check_dtypes_fit(inputs)
         tensors, length = self._validate(inputs)
-        ref = None if adapter == BASE_ADAPTER else self.store.resolve_nowait(adapter)
+        self._check_length_fits(length)
+        with _closed_as_runtime_closed():
+            ref = None if adapter == BASE_ADAPTER else self.store.resolve_nowait(adapter)
         request = self._push(tensors, length, ref)
         # Nobody of ours awaits this future: its bookkeeping runs when it resolves.
         request.future.add_done_callback(functools.partial(self._on_done, request))
@@ -413,47 +474,69 @@ class Runtime:
     ) -> AsyncIterator[StreamResult]:
         """Submit ``(key, inputs, adapter)`` items and yield their results as they complete.
 
-        Submission follows the queue's backpressure; a failed request yields a result whose
-        ``error`` is set instead of ending the stream.
+        Reading from the source follows the queue's room: at most ``max_queue`` items are taken
+        and not yet yielded. A failed request yields a result whose ``error`` is set instead of
+        ending the stream. A source that raises (or yields an item that is not a 3-tuple) ends the
+        stream with that error once the requests already taken have been yielded. Closing or
+        cancelling the consumer cancels the requests it started.
+
+        Raises:
+            InputValidationError: ``requests`` is not an iterable, or an item is malformed.
         """
-        done: asyncio.Queue[StreamResult | None] = asyncio.Queue()
-        outstanding = 0
+        if not isinstance(requests, (Iterable, AsyncIterator)):
+            raise InputValidationError(f"`requests` must be an iterable or async iterator, got {requests!r}")
+        done: asyncio.Queue[StreamResult | _SourceEnd] = asyncio.Queue()
+        room = asyncio.Semaphore(self.config.max_queue)
+        started = 0
 
         async def run_one(key: Any, inputs: Mapping[str, torch.Tensor], adapter: str) -> None:
             try:
-                await done.put(StreamResult(key, value=await self.submit(inputs, adapter)))
+                result = StreamResult(key, value=await self.submit(inputs, adapter))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await done.put(StreamResult(key, error=exc))
+                result = StreamResult(key, error=exc)
+            done.put_nowait(result)
 
         async def feed() -> None:
-            nonlocal outstanding
-            if isinstance(requests, AsyncIterator):
-                async for key, inputs, adapter in requests:
-                    outstanding += 1
-                    tasks.add(asyncio.ensure_future(run_one(key, inputs, adapter)))
-            else:
-                for key, inputs, adapter in requests:
-                    outstanding += 1
-                    tasks.add(asyncio.ensure_future(run_one(key, inputs, adapter)))
-            await done.put(None)
+            nonlocal started
+            error: BaseException | None = None
+            try:
+                source = requests if isinstance(requests, AsyncIterator) else iter(requests)
+                while True:
+                    await room.acquire()  # released when the consumer takes a result
+                    try:
+                        item = await anext(source) if isinstance(source, AsyncIterator) else next(source)
+                    except (StopIteration, StopAsyncIteration):
+                        break
+                    key, inputs, adapter = _stream_item(item, started)
+                    started += 1
+                    task = asyncio.get_running_loop().create_task(run_one(key, inputs, adapter))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc
+            done.put_nowait(_SourceEnd(error))
 
-        tasks: set[asyncio.Future[None]] = set()
-        feeder = asyncio.ensure_future(feed())
-        fed_all = False
+        tasks: set[asyncio.Task[None]] = set()
+        feeder = asyncio.get_running_loop().create_task(feed())
+        yielded = 0
+        end: _SourceEnd | None = None
         try:
-            while not fed_all or outstanding:
+            while end is None or yielded < started:
                 item = await done.get()
-                if item is None:
-                    fed_all = True
+                if isinstance(item, _SourceEnd):
+                    end = item
                     continue
-                outstanding -= 1
+                yielded += 1
+                room.release()
                 yield item
+            if end.error is not None:
+                raise end.error
         finally:
-            feeder.cancel()
-            for task in tasks:
-                task.cancel()
+            await _cancel_all([feeder, *tasks])
 
     @property
     def state(self) -> Literal["new", "running", "closing", "closed", "crashed"]:
@@ -464,9 +547,16 @@ class Runtime:
         """Load an adapter onto the device now and wait until it is there (``pin``: keep it there).
 
         Raises:
+            InputValidationError: ``adapter_id`` is not a non-empty string or ``pin`` not a bool.
             AdapterNotFoundError: unknown id. AdapterLoadError: the adapter cannot be loaded.
+            RuntimeClosedError: the runtime is closing or closed.
         """
-        await self.store.preload([adapter_id], pin=pin)
+        self._check_not_closed()
+        _check_adapter_id(adapter_id, "adapter_id")
+        if not isinstance(pin, bool):
+            raise InputValidationError(f"`pin` must be a bool, got {pin!r}")
+        with _closed_as_runtime_closed():
+            await self.store.preload([adapter_id], pin=pin)
 
     def statistics(self) -> RuntimeStatistics:
         """A frozen snapshot of counters (requests, batches, mixing, padding, tiers)."""
@@ -482,8 +572,35 @@ class Runtime:
     def _check_open(self) -> None:
         if self._state == "crashed":
             raise WorkerCrashedError("the runtime's worker failed; no more requests are accepted") from self._crash
+        if self._state == "new":
+            raise RuntimeClosedError("the runtime is not started: call `await start()` or use `async with`")
         if self._state != "running":
             raise RuntimeClosedError(f"the runtime is {self._state}; no more requests are accepted")
+
+    def _check_not_closed(self) -> None:
+        """For adapter management, which also works before ``start()``."""
+        if self._state in ("closing", "closed"):
+            raise RuntimeClosedError(f"the runtime is {self._state}")
+
+    def _check_length_fits(self, length: int) -> None:
+        """Refuse a row longer than the model's position table: it would fail its whole batch."""
+        if self._max_positions is not None and length > self._max_positions:
+            raise InputValidationError(
+                f"inputs have length {length}, above the model's {self._max_positions} positions"
+            )
+
+    def _check_dtypes_fit(self, inputs: Mapping[str, Any]) -> None:
+        """Refuse float vectors of another dtype than the weights (checked before the schema is learnt)."""
+        if self._float_dtype is None or not isinstance(inputs, Mapping):
+            return
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            # Per-token vectors (embeddings) meet the weights directly; a float mask is converted.
+            if value.is_floating_point() and value.dim() >= 2 and value.dtype != self._float_dtype:
+                raise InputValidationError(
+                    f"input {name!r} is {value.dtype}, but the model computes in {self._float_dtype}"
+                )
 
     def _has_room(self) -> bool:
         return len(self._pending) < self.config.max_queue or self._state != "running"
@@ -550,7 +667,7 @@ class Runtime:
         queue_wait = None if request.dispatched is None else request.dispatched - request.submitted
         self.metrics.request_done(outcome, elapsed, queue_wait)
         if self._room_waiters and self._loop is not None:
-            self._loop.create_task(self._notify_room())
+            self._spawn(self._notify_room(), "polylora-room")
 
     async def _notify_room(self) -> None:
         assert self._room is not None
@@ -670,8 +787,10 @@ class Runtime:
                     continue
                 if self.config.prefetch:
                     self._watch_lookahead()
-                else:
-                    await self._load_oldest_inline()
+                elif await self._load_oldest_inline():
+                    # The queue may have changed under the await (the request withdrawn, timed
+                    # out, others added): decide again from the top.
+                    continue
                 if len(self._inflight) >= self.config.max_inflight_batches:
                     await self._wait_wakeup(None)
                     continue
@@ -748,16 +867,18 @@ class Runtime:
         if oldest.ref is not None and oldest.key not in self._watchers and not self.store.is_gpu_ready(oldest.ref):
             self._watchers[oldest.key] = asyncio.get_running_loop().create_task(self._watch(oldest.ref))
 
-    async def _load_oldest_inline(self) -> None:
+    async def _load_oldest_inline(self) -> bool:
+        """Load the oldest request's adapter now; True when it awaited (the queue may differ after)."""
         oldest = next(iter(self._pending.values()))
         if oldest.ref is None or self.store.is_gpu_ready(oldest.ref):
-            return
+            return False
         try:
             await self.store.ensure_gpu(oldest.ref, count=False)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._fail_key(oldest.ref.key, exc)
+        return True
 
     def _fail_key(self, key: object, exc: BaseException) -> None:
         for request in list(self._pending.values()):
@@ -841,7 +962,12 @@ class Runtime:
         done_event = None
         try:
             outcome, payload, done_event = await self._loop.run_in_executor(self._executor, self._execute, batch)
-        except BaseException as exc:  # the worker machinery itself failed
+            if outcome == "error" and _is_device_error(payload):
+                raise payload  # the device is broken: every later batch would fail too
+            if outcome == "error" and len(batch.requests) > 1:
+                await self._isolate(batch, payload)  # the slots are still leased for the re-runs
+                outcome, payload = "isolated", None
+        except BaseException as exc:  # the worker machinery (or the device) failed
             lease.release(None)
             self._crashed(exc)
             for request in batch.requests:
@@ -866,16 +992,61 @@ class Runtime:
             self._splits_reported += 1
             self.metrics.split_batch()
         if outcome == "ok":
-            for request, row in zip(batch.requests, payload, strict=True):
-                if not request.future.done():  # a cancelled caller's result is discarded
-                    request.future.set_result(row)
-        else:
-            for request in batch.requests:
-                if not request.future.done():
-                    error = BatchFailedError(f"the batch of {len(batch.requests)} rows failed: {payload!r}")
-                    error.__cause__ = payload
-                    request.future.set_exception(error)
+            _set_results(batch.requests, payload)
+        elif outcome == "error":
+            if _is_device_error(payload):
+                self._crashed(payload)
+            self._fail_batch(batch, payload)
         self._wake()
+
+    def _fail_batch(self, batch: _Batch, exc: BaseException) -> None:
+        for request in batch.requests:
+            if not request.future.done():
+                error = BatchFailedError(f"the batch of {len(batch.requests)} rows failed: {exc!r}")
+                error.__cause__ = exc
+                request.future.set_exception(error)
+
+    async def _isolate(self, batch: _Batch, exc: BaseException) -> None:
+        """Re-run a failed batch in halves until each failure is one request's own.
+
+        A failure that depends on the rows (one bad request) then fails only that request, with
+        the cause; the others get their results. The lease is still held, so the slots are the
+        batch's. ``log2(rows)`` rounds of forwards at most, run only after a failure.
+        """
+        assert self._loop is not None and self._executor is not None and self._completer is not None
+        live = [i for i, r in enumerate(batch.requests) if not r.future.done()]
+        if not live:
+            return
+        if len(live) == 1 or len(batch.requests) == 1:
+            request = batch.requests[live[0]]
+            error = BatchFailedError(f"this request failed alone when its batch was re-run: {exc!r}")
+            error.__cause__ = exc
+            request.future.set_exception(error)
+            self._stats["isolated_failures"] += 1
+            self.metrics.isolated_failure()
+            return
+        half = len(live) // 2
+        for part in (live[:half], live[half:]):
+            requests = [batch.requests[i] for i in part]
+            sub = _Batch(
+                requests=requests,
+                slots=[batch.slots[i] for i in part],
+                width=max(self._padded(r.length) for r in requests),
+                lease=batch.lease,
+            )
+            outcome, payload, _computed = await self._loop.run_in_executor(self._executor, self._execute, sub)
+            if outcome == "pending":
+                outcome, payload = await self._loop.run_in_executor(self._completer, self._complete, sub, payload)
+            if outcome == "ok":
+                _set_results(requests, payload)
+            elif _is_device_error(payload):
+                raise payload
+            else:
+                await self._isolate(sub, payload)
+
+    def _padded(self, length: int) -> int:
+        cfg = self.config
+        return min(-(-length // cfg.pad_to_multiple) * cfg.pad_to_multiple, cfg.max_batch_tokens)
 
     # -- the worker thread --------------------------------------------------------------------------
 
@@ -992,6 +1163,92 @@ class Runtime:
         self._crash = exc
         self._fail_pending(lambda: _crash_error(exc))
         self._wake()
+
+
+@dataclass(frozen=True)
+class _SourceEnd:
+    """The stream's source is exhausted (``error`` None) or failed."""
+
+    error: BaseException | None
+
+
+def _stream_item(item: object, index: int) -> tuple[Any, Mapping[str, torch.Tensor], str]:
+    if not isinstance(item, tuple) or len(item) != 3:
+        raise InputValidationError(f"stream item {index} must be a (key, inputs, adapter) tuple, got {item!r}")
+    return item
+
+
+def _set_results(requests: list[_Request], rows: list[Any]) -> None:
+    for request, row in zip(requests, rows, strict=True):
+        if not request.future.done():  # a cancelled caller's result is discarded
+            request.future.set_result(row)
+
+
+def _is_device_error(exc: BaseException) -> bool:
+    """A failure of the accelerator itself (not of one batch's data): re-running cannot isolate it."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    if type(exc).__module__.startswith("torch.cuda"):
+        return True
+    return "CUDA error" in str(exc) or "CUDA-capable device" in str(exc)
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is None:
+        return
+    if (
+        not isinstance(timeout, (int, float))
+        or isinstance(timeout, bool)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise InputValidationError(f"`timeout` must be a positive finite number of seconds or None, got {timeout!r}")
+
+
+def _check_adapter_id(adapter: object, name: str) -> None:
+    if not isinstance(adapter, str) or not adapter:
+        raise InputValidationError(f"`{name}` must be a non-empty string, got {adapter!r}")
+
+
+def _check_input_names(inputs: object) -> None:
+    if isinstance(inputs, Mapping):
+        for name in inputs:
+            if not isinstance(name, str):
+                raise InputValidationError(f"input names must be strings, got {name!r}")
+
+
+@contextlib.contextmanager
+def _closed_as_runtime_closed() -> Any:
+    """The store closes with the runtime: callers see the runtime's documented error."""
+    try:
+        yield
+    except StoreClosedError as exc:
+        raise RuntimeClosedError(f"the runtime is closed: {exc}") from exc
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    """Positions the model's position embeddings hold (Hugging Face config fields), if known."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
 
 
 def _token_mask(requests: list[_Request], width: int) -> torch.Tensor:
