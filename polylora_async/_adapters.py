@@ -102,6 +102,7 @@ _UNSUPPORTED_FLAGS: dict[str, str] = {
 }
 
 _warned_unknown_keys: set[frozenset[str]] = set()
+_warned_fan_in_fan_out: set[tuple[str, bool]] = set()
 
 
 @dataclass(frozen=True)
@@ -406,6 +407,8 @@ _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B)(?:\.(?P<name>[^.]+
 class LayerShape:
     in_features: int
     out_features: int
+    conv1d: bool = False
+    """The base layer is a GPT-2 style ``Conv1D`` (weight ``[in, out]``), not an ``nn.Linear``."""
 
 
 def validate_adapter(
@@ -476,12 +479,12 @@ def validate_adapter(
         if rank < 1 or a.shape[1] != shape.in_features:
             raise AdapterFormatError(
                 f"{where}: {module}.lora_A has shape {tuple(a.shape)}, but layer {layer_name!r} needs "
-                f"[r, {shape.in_features}]"
+                f"[r, {shape.in_features}]{_transposed_hint(a, b, shape)}"
             )
         if b.shape[0] != shape.out_features or b.shape[1] != rank:
             raise AdapterFormatError(
                 f"{where}: {module}.lora_B has shape {tuple(b.shape)}, but layer {layer_name!r} needs "
-                f"[{shape.out_features}, {rank}] (out_features, r)"
+                f"[{shape.out_features}, {rank}] (out_features, r){_transposed_hint(a, b, shape)}"
             )
         if rank > max_rank:
             raise AdapterFormatError(
@@ -497,6 +500,7 @@ def validate_adapter(
         if a.requires_grad or b.requires_grad:  # a state dict taken from a model being trained
             a, b = a.detach(), b.detach()
         found[layer_name] = (a, b, spec.scale_for(module, rank))
+    _check_fan_in_fan_out(where, spec.fan_in_fan_out, [layers[n] for n in found])
     packed_dtype = _packed_dtype(raw)
     _check_finite(where, raw, {**pairs, **head_tensors}, packed_dtype)
     return _pack(adapter_id, raw, found, dtype, pin_memory, packed_dtype, head_tensors)
@@ -508,6 +512,40 @@ def _listed_copy(key: str, listed: object) -> bool:
         return False
     parts = key.split(".")
     return any(name in parts[:-1] for name in listed if isinstance(name, str))
+
+
+def _transposed_hint(a: torch.Tensor, b: torch.Tensor, shape: LayerShape) -> str:
+    """A hint for factors saved transposed (``[in, r]`` / ``[r, out]``), e.g. in a Conv1D's weight layout."""
+    if a.shape[0] == shape.in_features and b.shape[1] == shape.out_features and a.shape[1] == b.shape[0]:
+        return (
+            "; the factors look transposed: PEFT stores lora_A as [r, in] and lora_B as [out, r] for "
+            "nn.Linear and Conv1D layers alike (`fan_in_fan_out` does not change that layout)"
+        )
+    return ""
+
+
+def _check_fan_in_fan_out(where: str, fan_in_fan_out: bool, covered: Sequence[LayerShape]) -> None:
+    """Warn when ``fan_in_fan_out`` contradicts every layer the adapter covers.
+
+    The flag says the base weights are stored ``[in, out]`` (GPT-2's ``Conv1D``). PEFT uses it only
+    to transpose a merged delta; the unmerged forward, and the factors' layout, are the same either
+    way, so a contradicting flag changes nothing here. PEFT corrects such a flag per layer with a
+    warning, and so does this (once per adapter source). A PEFT-saved adapter covering both kinds
+    records one value, which fits some of its layers: no warning then.
+    """
+    if not covered or any(shape.conv1d == fan_in_fan_out for shape in covered):
+        return
+    key = (where, fan_in_fan_out)
+    if key in _warned_fan_in_fan_out:
+        return
+    _warned_fan_in_fan_out.add(key)
+    kind = "nn.Linear" if fan_in_fan_out else "Conv1D"
+    warnings.warn(
+        f"{where}: field `fan_in_fan_out`={fan_in_fan_out} but every layer it covers is {kind}; loaded as PEFT "
+        f"loads it (as if `fan_in_fan_out`={not fan_in_fan_out}: the LoRA factors have the same layout either way)",
+        PolyLoraWarning,
+        stacklevel=4,
+    )
 
 
 def _packed_dtype(raw: RawAdapter) -> torch.dtype | None:
@@ -680,6 +718,7 @@ class _LoraSpec:
     use_rslora: bool
     rank_pattern: Mapping[str, int]
     alpha_pattern: Mapping[str, float]
+    fan_in_fan_out: bool = False
 
     @classmethod
     def parse(cls, where: str, config: Mapping[str, Any]) -> _LoraSpec:
@@ -714,12 +753,16 @@ class _LoraSpec:
             for key, value in pattern.items():
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise AdapterFormatError(f"{where}: field `{name}`[{key!r}] must be a number, got {value!r}")
+        fan_in_fan_out = config.get("fan_in_fan_out", False)
+        if not isinstance(fan_in_fan_out, bool):
+            raise AdapterFormatError(f"{where}: field `fan_in_fan_out` must be true or false, got {fan_in_fan_out!r}")
         return cls(
             r=r,
             alpha=float(alpha),
             use_rslora=bool(config.get("use_rslora", False)),
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
+            fan_in_fan_out=fan_in_fan_out,
         )
 
     def rank_for(self, module: str) -> int:

@@ -24,12 +24,15 @@ from typing import Any
 import torch
 
 from ._config import BASE_ADAPTER, WrapConfig
+from ._errors import TargetModulesError
 from ._exposition import serve_metrics
+from ._layer import conv1d_type, linear_features
 from ._model import MultiLoraModel
 from ._runtime import Runtime, RuntimeConfig
 from ._store import StoreConfig, StoreStatistics
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # transformers' Conv1D layers (PEFT: fan_in_fan_out=True)
 # Tolerance of a runtime row against the solo PEFT row, relative to the row's norm. fp32: only
 # summation order differs. bf16/fp16: PEFT rounds the LoRA path to 16 bits after each matmul while
 # the runtime accumulates it in fp32, so a few bf16 ulps (2^-8 = 0.4%) of difference are expected.
@@ -60,7 +63,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    return asyncio.run(_demo(args))
+    try:
+        return asyncio.run(_demo(args))
+    except TargetModulesError as exc:  # e.g. a --model without any layer adapters can target
+        print(f"polylora-async demo: {exc}", file=sys.stderr)
+        return 2
 
 
 def _build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -85,16 +92,20 @@ def _write_adapters(base: torch.nn.Module, count: int, root: Path, seed: int) ->
     """Write ``count`` adapters with PEFT (mixed ranks and targets); return the oracle PeftModel too."""
     from peft import LoraConfig, get_peft_model
 
-    targets = [n for n in LLAMA_TARGETS if any(name.endswith("." + n) for name, _ in base.named_modules())]
-    if not targets:
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})[:4]
+    targets = pick_targets(base)
+    conv1d = conv1d_type()
+    # PEFT wants `fan_in_fan_out=True` for Conv1D layers (it warns and sets it otherwise).
+    targeted = [m for n, m in base.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    fan_in_fan_out = conv1d is not None and all(type(m) is conv1d for m in targeted)
     rng = random.Random(seed)
     peft_model = None
     names = []
     for i in range(count):
         rank = rng.choice([4, 8, 16])
         chosen = targets if i % 3 == 0 else rng.sample(targets, k=max(1, len(targets) // 2))
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=chosen, init_lora_weights=False)
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=chosen, fan_in_fan_out=fan_in_fan_out, init_lora_weights=False
+        )
         name = f"adapter-{i:03d}"
         torch.manual_seed(seed * 1000 + i)
         if peft_model is None:
@@ -106,6 +117,25 @@ def _write_adapters(base: torch.nn.Module, count: int, root: Path, seed: int) ->
     peft_model.save_pretrained(str(root))  # one sub-folder per adapter
     paths = {n: root / n for n in names}
     return peft_model.eval(), paths, targets
+
+
+def pick_targets(base: torch.nn.Module) -> list[str]:
+    """Leaf names of the layers the demo's adapters target: a known family's, else up to four wrappable ones.
+
+    Raises:
+        TargetModulesError: the model has no layer that can be wrapped (``nn.Linear`` or ``Conv1D``).
+    """
+    names = [name for name, module in base.named_modules() if name and linear_features(module) is not None]
+    for family in (LLAMA_TARGETS, GPT2_TARGETS):
+        found = [t for t in family if any(n == t or n.endswith("." + t) for n in names)]
+        if found:
+            return found
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})[:4]
+    if not leaves:
+        raise TargetModulesError(
+            f"{type(base).__name__} has no layer the demo can put adapters on (nn.Linear or transformers' Conv1D)"
+        )
+    return leaves
 
 
 async def _demo(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ class ConfigError(PolyLoraError, ValueError):
 
 
 class TargetModulesError(ConfigError):
-    """Raised when ``target_modules`` matches nothing, or matches a module that is not ``nn.Linear``."""
+    """Raised when ``target_modules`` matches nothing, or a module that is neither ``nn.Linear`` nor ``Conv1D``."""
 
 
 class AdapterNotFoundError(PolyLoraError, KeyError):

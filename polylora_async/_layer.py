@@ -1,7 +1,8 @@
-"""MultiLoraLinear: an nn.Linear whose every batch row can carry its own LoRA adapter."""
+"""MultiLoraLinear: a linear layer whose every batch row can carry its own LoRA adapter."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,33 @@ from torch import nn
 from ._adapters import LayerLora
 from ._batch import BatchContext, BatchState, MixedSharedInputError
 from .kernels import lora_apply_trusted_
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' GPT-2 style ``Conv1D`` (``y = x @ W + b``, weight ``[in, out]``), if loaded.
+
+    Looked up among imported modules only: a model holding a ``Conv1D`` has imported it, and
+    transformers stays an optional dependency that this package never imports itself.
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    found = getattr(module, "Conv1D", None)
+    return found if isinstance(found, type) else None
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a layer this package can wrap, else None.
+
+    Exact types only: a subclass may change the forward the LoRA delta is added to. ``nn.Linear``
+    stores its weight ``[out, in]``; ``Conv1D`` stores it ``[in, out]``.
+    """
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    conv1d = conv1d_type()
+    if conv1d is not None and type(module) is conv1d:
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[0]), int(weight.shape[1])
+    return None
 
 
 @dataclass
@@ -25,7 +53,11 @@ class SlotWritePlan:
 
 
 class MultiLoraLinear(nn.Module):
-    """Replaces one targeted ``nn.Linear``; holds every slot's LoRA factors for this layer.
+    """Replaces one targeted ``nn.Linear`` or GPT-2 ``Conv1D``; holds every slot's LoRA factors for it.
+
+    The base layer's own forward computes the base output (so base rows stay bit-identical); the
+    LoRA delta is added to it. A ``Conv1D``'s LoRA factors have the same layout as a Linear's
+    (PEFT stores them so too; its ``fan_in_fan_out`` only transposes merged weights).
 
     Slot storage (slot 0 is the base model, rank 0, never written):
       * ``lora_a``: ``[slots, max_rank, in_features]`` (PEFT's ``lora_A.weight`` layout per slot),
@@ -40,23 +72,27 @@ class MultiLoraLinear(nn.Module):
     lora_a: torch.Tensor
     lora_b: torch.Tensor
 
-    def __init__(self, base: nn.Linear, name: str, num_slots: int, max_rank: int, state: BatchState) -> None:
+    def __init__(self, base: nn.Module, name: str, num_slots: int, max_rank: int, state: BatchState) -> None:
         super().__init__()
+        features = linear_features(base)
+        if features is None:
+            raise TypeError(f"layer {name!r}: {type(base).__name__} is neither nn.Linear nor Conv1D")
         self.base = base
         self.layer_name = name
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.in_features, self.out_features = features
+        self.is_conv1d = type(base) is not nn.Linear
         self.max_rank = max_rank
         self._state = state
         weight = base.weight
+        assert isinstance(weight, torch.Tensor)
         self.register_buffer(
             "lora_a",
-            torch.zeros(num_slots, max_rank, base.in_features, dtype=weight.dtype, device=weight.device),
+            torch.zeros(num_slots, max_rank, self.in_features, dtype=weight.dtype, device=weight.device),
             persistent=False,
         )
         self.register_buffer(
             "lora_b",
-            torch.zeros(num_slots, max_rank, base.out_features, dtype=weight.dtype, device=weight.device),
+            torch.zeros(num_slots, max_rank, self.out_features, dtype=weight.dtype, device=weight.device),
             persistent=False,
         )
         # Host copies decide control flow without reading the device; device copies feed kernels.

@@ -36,7 +36,7 @@ from ._errors import (
     TargetModulesError,
 )
 from ._heads import HeadSpec, MultiLoraHead, find_heads, width_probe
-from ._layer import MultiLoraLinear
+from ._layer import MultiLoraLinear, linear_features
 from ._patches import apply_patches
 from .kernels import build_batch_meta
 
@@ -44,7 +44,7 @@ AdapterSource = str | os.PathLike[str] | RawAdapter | AdapterWeights
 
 
 class MultiLoraModel(nn.Module):
-    """A model whose targeted ``nn.Linear`` layers serve a different LoRA adapter on every row.
+    """A model whose targeted ``nn.Linear`` (or GPT-2 ``Conv1D``) layers serve a different LoRA adapter on every row.
 
     Wrapping replaces the targeted layers in place (the wrapped module is modified and owned by
     this object). Adapters are loaded into slots; a forward pass names an adapter id per row, or
@@ -61,7 +61,8 @@ class MultiLoraModel(nn.Module):
         config: which layers to wrap, ``max_rank`` and the number of slots.
 
     Raises:
-        TargetModulesError: ``target_modules`` matches nothing, or matches a non-Linear module.
+        TargetModulesError: ``target_modules`` matches nothing, or a module that is neither
+            ``nn.Linear`` nor ``Conv1D`` (the message names its path and type).
     """
 
     def __init__(self, model: nn.Module, config: WrapConfig) -> None:
@@ -95,17 +96,16 @@ class MultiLoraModel(nn.Module):
             raise TargetModulesError(
                 f"`target_modules`={config.target_modules!r} matches no module of {type(model).__name__}"
             )
-        wrong = [(n, type(m).__name__) for n, m in matched if type(m) is not nn.Linear]
+        wrong = [(n, _type_path(m)) for n, m in matched if linear_features(m) is None]
         # A container whose own name matches (e.g. an `attention` block) is an error only if it was
         # the sole match for that pattern; PEFT reports the same condition.
         if wrong:
             raise TargetModulesError(
-                "`target_modules` matches modules that are not nn.Linear: "
-                + ", ".join(f"{n} ({t})" for n, t in wrong[:5])
+                "`target_modules` matches modules that are not nn.Linear or transformers' Conv1D, so they "
+                "cannot be wrapped: " + ", ".join(f"{n} ({t})" for n, t in wrong[:5])
             )
         slots = config.num_slots + 1
         for name, linear in matched:
-            assert isinstance(linear, nn.Linear)
             layer = MultiLoraLinear(linear, name, slots, config.max_rank, self._state)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -185,7 +185,10 @@ class MultiLoraModel(nn.Module):
         return list(self._layers)
 
     def layer_shapes(self) -> dict[str, LayerShape]:
-        return {n: LayerShape(layer.in_features, layer.out_features) for n, layer in self._layers.items()}
+        return {
+            n: LayerShape(layer.in_features, layer.out_features, conv1d=layer.is_conv1d)
+            for n, layer in self._layers.items()
+        }
 
     @property
     def dtype(self) -> torch.dtype:
@@ -477,6 +480,12 @@ class MultiLoraModel(nn.Module):
 
     def iter_layers(self) -> Iterable[MultiLoraLinear]:
         return self._layers.values()
+
+
+def _type_path(module: nn.Module) -> str:
+    """A module's class with where it comes from, e.g. ``torch.nn.modules.sparse.Embedding``."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _check_adapter_id(adapter_id: object) -> None:
