@@ -376,7 +376,7 @@ def test_reader_copes_with_a_misaligned_tensor(tmp_path: Path) -> None:
             "overlap",
         ),
         ([1, 2], b"", "must be a JSON object"),
-        ({"t": 3}, b"", "no dtype/shape/data_offsets"),
+        ({"t": 3}, b"", "needs a dtype, a shape and data_offsets"),
     ],
 )
 def test_reader_refuses_broken_headers(tmp_path: Path, header: object, data: bytes, message: str) -> None:
