@@ -7,6 +7,8 @@ slot (per wrapped layer: A, B and the scale), validated against that model's lay
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,57 +34,9 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
-# Config keys of PEFT's LoraConfig that do not change what a loaded adapter computes at inference
-# (training-time initialisation, bookkeeping, or coverage that the saved weights already express).
-_HARMLESS_KEYS = frozenset(
-    {
-        "task_type",
-        "peft_type",
-        "auto_mapping",
-        "peft_version",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "r",
-        "target_modules",
-        "exclude_modules",
-        "lora_alpha",
-        "lora_dropout",
-        "fan_in_fan_out",
-        "bias",
-        "use_rslora",
-        "modules_to_save",
-        "init_lora_weights",
-        "layers_to_transform",
-        "layers_pattern",
-        "rank_pattern",
-        "alpha_pattern",
-        "megatron_config",
-        "megatron_core",
-        "loftq_config",
-        "eva_config",
-        "corda_config",
-        "lora_ga_config",
-        "use_dora",
-        "lora_bias",
-        "layer_replication",
-        "runtime_config",
-        "target_parameters",
-        "trainable_token_indices",
-        "alora_invocation_tokens",
-        "use_qalora",
-        "qalora_group_size",
-        "use_bdlora",
-        "arrow_config",
-        "velora_config",
-        "monteclora_config",
-        "kasa_config",
-        "ensure_weight_tying",
-    }
-)
-
 # Config keys whose presence (truthy value) changes the forward pass in ways this runtime does not
-# implement: each is refused by name rather than silently served wrong.
+# implement: each is refused by name rather than silently served wrong. Serving one of them is
+# removing its entry here (every other field of PEFT's LoraConfig is accepted: _lora_config_keys).
 _UNSUPPORTED_FLAGS: dict[str, str] = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "LoRA bias on lora_B",
@@ -101,6 +55,21 @@ _UNSUPPORTED_FLAGS: dict[str, str] = {
 }
 
 _warned_unknown_keys: set[frozenset[str]] = set()
+
+
+@functools.cache
+def _lora_config_keys() -> frozenset[str]:
+    """The fields of PEFT's ``LoraConfig`` (those of its base config included).
+
+    These are the keys a saved ``adapter_config.json`` holds. Those not refused by
+    :data:`_UNSUPPORTED_FLAGS` (or `bias`) do not change what a loaded adapter computes at
+    inference: initialisation, training-time settings, bookkeeping, or coverage that the saved
+    weights already express. Any other key draws a warning. Imported on first use: importing
+    PEFT takes seconds (it imports transformers), too much for ``import polylora_async``.
+    """
+    from peft import LoraConfig
+
+    return frozenset(f.name for f in dataclasses.fields(LoraConfig))
 
 
 @dataclass(frozen=True)
@@ -612,7 +581,8 @@ def validate_adapter(
             a, b = a.detach(), b.detach()
         found[layer_name] = (a, b, spec.scale_for(module, rank))
     packed_dtype = _packed_dtype(raw)
-    _check_finite(where, raw, pairs, packed_dtype)
+    whole = raw.buffer.view(packed_dtype) if raw.buffer is not None and packed_dtype is not None else None
+    _check_finite(where, whole, pairs)
     return _pack(adapter_id, raw, found, dtype, pin_memory, packed_dtype)
 
 
@@ -624,14 +594,79 @@ def _packed_dtype(raw: RawAdapter) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def _check_finite(
-    where: str, raw: RawAdapter, pairs: Mapping[str, Mapping[str, torch.Tensor]], packed_dtype: torch.dtype | None
-) -> None:
-    """No NaN/Inf anywhere: one reduction over a whole safetensors buffer, else one per tensor."""
-    if raw.buffer is not None and packed_dtype is not None:
+def validate_weights(
+    adapter_id: str,
+    weights: AdapterWeights,
+    layers: Mapping[str, LayerShape],
+    max_rank: int,
+    dtype: torch.dtype,
+    *,
+    pin_memory: bool = False,
+) -> AdapterWeights:
+    """Check ready-made :class:`AdapterWeights` (built by hand, or for another model) like a read adapter.
+
+    Every layer must be a wrapped layer with factors of its shape, ranks within ``max_rank``,
+    finite scales and finite weights. The result is packed in ``dtype`` on the CPU
+    (:func:`pack_weights`; weights that already are come back as they are) under ``adapter_id``.
+
+    Raises:
+        AdapterFormatError: a layer, shape, rank, scale or value that does not fit (names the layer).
+    """
+    where = f"adapter {adapter_id!r} ({weights.origin})"
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, lora in weights.layers.items():
+        shape = layers.get(name)
+        if shape is None:
+            raise AdapterFormatError(f"{where}: layer {name!r} is not a wrapped layer of this model")
+        _check_kind(where, f"{name}.a", lora.a)
+        _check_kind(where, f"{name}.b", lora.b)
+        rank = lora.rank
+        if not 1 <= rank <= max_rank:
+            raise AdapterFormatError(f"{where}: layer {name!r} has rank {rank}, outside [1, max_rank={max_rank}]")
+        if tuple(lora.a.shape) != (rank, shape.in_features) or tuple(lora.b.shape) != (shape.out_features, rank):
+            raise AdapterFormatError(
+                f"{where}: layer {name!r} has a {tuple(lora.a.shape)} and b {tuple(lora.b.shape)}, needs "
+                f"a ({rank}, {shape.in_features}) and b ({shape.out_features}, {rank})"
+            )
+        if isinstance(lora.scale, bool) or not isinstance(lora.scale, (int, float)) or not math.isfinite(lora.scale):
+            raise AdapterFormatError(f"{where}: layer {name!r} has scale {lora.scale!r}, not a finite number")
+        pairs[name] = {"a": lora.a, "b": lora.b}
+    if not pairs:
+        raise AdapterFormatError(f"{where}: the weights hold no layers")
+    _check_finite(where, _backing_storage(weights), pairs)
+    packed = pack_weights(weights, pin_memory=pin_memory, dtype=dtype)
+    # Hand-built weights that already fit come back as they are: give them this id and a true size.
+    nbytes = sum(t.numel() for parts in pairs.values() for t in parts.values()) * dtype.itemsize
+    if packed.adapter_id != adapter_id or packed.nbytes != nbytes:
+        packed = dataclasses.replace(packed, adapter_id=adapter_id, nbytes=nbytes)
+    return packed
+
+
+def _backing_storage(weights: AdapterWeights) -> torch.Tensor | None:
+    """``weights.storage`` when every factor lies inside it (so one reduction checks them all), else None."""
+    storage = weights.storage
+    if storage is None or storage.dim() != 1:
+        return None
+    factors = [t for lora in weights.layers.values() for t in (lora.a, lora.b)]
+    begin = storage.data_ptr()
+    end = begin + storage.numel() * storage.element_size()
+    inside = all(
+        t.dtype == storage.dtype
+        and t.device == storage.device
+        and t.is_contiguous()
+        and begin <= t.data_ptr()
+        and t.data_ptr() + t.numel() * t.element_size() <= end
+        for t in factors
+    )
+    return storage if inside else None
+
+
+def _check_finite(where: str, whole: torch.Tensor | None, pairs: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """No NaN/Inf anywhere: one reduction over ``whole`` (memory every tensor is a view of), else one per tensor."""
+    if whole is not None:
         # One call for the whole adapter (~0.1 ms for 8 MB on one CPU core) instead of ~10 us of
         # Python and dispatch per tensor while holding the interpreter lock (256 tensors: ~3 ms).
-        if _sum_is_finite(raw.buffer.view(packed_dtype)):
+        if _sum_is_finite(whole):
             return
     for module, parts in pairs.items():
         for part, tensor in parts.items():
@@ -786,7 +821,7 @@ class _LoraSpec:
         bias = config.get("bias", "none")
         if bias != "none":
             raise UnsupportedAdapterError(f"{where}: field `bias`={bias!r}: LoRA bias is not supported")
-        unknown = frozenset(config) - _HARMLESS_KEYS
+        unknown = frozenset(config) - _lora_config_keys()
         if unknown and unknown not in _warned_unknown_keys:
             _warned_unknown_keys.add(unknown)
             warnings.warn(
