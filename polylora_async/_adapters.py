@@ -307,17 +307,26 @@ def _refuse_json_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# What makes Python's json read a header differently from the reference's parser: a "-0" (a float
+# there), or an escape that may be an unpaired surrogate. Headers without either (all that writers
+# produce) skip the slower exact checks. (Integers too large for a float, refused there, matter
+# only in ignored fields: see _fits_reference_parser.)
+_JSON_NEEDS_CARE = re.compile(rb"-0(?![.eE0-9])|\\u[dD][89a-fA-F]")
+
+
 def _parse_safetensors_header(where: str, raw: bytes) -> _JsonObject:
     """The header's JSON object, parsed as strictly as the reference's parser.
 
     Python's ``json`` is looser in a few ways, each refused here: ``NaN``/``Infinity``, numbers
-    out of a float's range, unpaired surrogate escapes in strings, nesting deeper than 127 levels.
+    out of a float's range, unpaired surrogate escapes in strings, and (in
+    :func:`_tensor_fields`) nesting deeper than 127 levels.
     """
+    careful = _JSON_NEEDS_CARE.search(raw) is not None
     try:
         header = json.loads(
             raw.decode("utf-8"),
             object_pairs_hook=_json_object,
-            parse_int=_json_int,
+            parse_int=_json_int if careful else None,
             parse_float=_json_float,
             parse_constant=_refuse_json_constant,
         )
@@ -325,11 +334,8 @@ def _parse_safetensors_header(where: str, raw: bytes) -> _JsonObject:
         raise AdapterLoadError(f"{where}: its header is not valid JSON: {exc}") from exc
     if not isinstance(header, _JsonObject):
         raise AdapterLoadError(f"{where}: its header must be a JSON object, got {type(header).__name__}")
-    depth, level = 0, [header]
-    while level:
-        depth += 1
-        if depth > _MAX_JSON_DEPTH:
-            raise AdapterLoadError(f"{where}: its header nests deeper than {_MAX_JSON_DEPTH} levels")
+    level: list[Any] = [header] if careful else []
+    while level:  # every string, for unpaired surrogates
         nested: list[Any] = []
         for item in level:
             for value in (*item.keys(), *item.values()) if isinstance(item, dict) else item:
@@ -339,6 +345,28 @@ def _parse_safetensors_header(where: str, raw: bytes) -> _JsonObject:
                     nested.append(value)
         level = nested
     return header
+
+
+def _fits_reference_parser(value: Any, depth: int) -> bool:
+    """Whether the reference's parser reads ``value``, found at nesting ``depth``: at most 127 levels,
+    no integer beyond a float's range."""
+    level: list[Any] = [value]
+    while level:
+        depth += 1
+        if depth > _MAX_JSON_DEPTH:
+            return False
+        nested: list[Any] = []
+        for container in level:
+            for item in container.values() if isinstance(container, dict) else container:
+                if isinstance(item, (dict, list)):
+                    nested.append(item)
+                elif isinstance(item, int) and abs(item) > _MAX_USIZE:
+                    try:
+                        float(item)
+                    except OverflowError:
+                        return False
+        level = nested
+    return True
 
 
 def _check_utf8(where: str, text: str) -> None:
@@ -420,6 +448,17 @@ def _tensor_fields(where: str, name: str, info: object) -> tuple[object, object,
         twice = info.repeated.intersection(_TENSOR_FIELDS)
         if twice:
             raise AdapterLoadError(f"{where}: tensor {name!r} gives `{min(twice)}` twice")
+        if len(info) > len(_TENSOR_FIELDS):
+            # Unknown fields are ignored, but the reference still parses them. Nesting counts from
+            # the header (1) and this entry (2); accepted fields hold no nesting beyond 3.
+            for key, value in info.items():
+                if key in _TENSOR_FIELDS:
+                    continue
+                if not _fits_reference_parser([value], 1):
+                    raise AdapterLoadError(
+                        f"{where}: tensor {name!r} has a field {key!r} nested deeper than {_MAX_JSON_DEPTH} levels "
+                        "or holding a number out of range"
+                    )
         return info["dtype"], info["shape"], info["data_offsets"]
     raise AdapterLoadError(f"{where}: tensor {name!r} needs a dtype, a shape and data_offsets, got {info!r:.200}")
 
