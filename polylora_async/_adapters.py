@@ -7,7 +7,8 @@ slot (per wrapped layer: A, B and the scale), validated against that model's lay
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,57 +35,9 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
-# Config keys of PEFT's LoraConfig that do not change what a loaded adapter computes at inference
-# (training-time initialisation, bookkeeping, or coverage that the saved weights already express).
-_HARMLESS_KEYS = frozenset(
-    {
-        "task_type",
-        "peft_type",
-        "auto_mapping",
-        "peft_version",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "r",
-        "target_modules",
-        "exclude_modules",
-        "lora_alpha",
-        "lora_dropout",
-        "fan_in_fan_out",
-        "bias",
-        "use_rslora",
-        "modules_to_save",
-        "init_lora_weights",
-        "layers_to_transform",
-        "layers_pattern",
-        "rank_pattern",
-        "alpha_pattern",
-        "megatron_config",
-        "megatron_core",
-        "loftq_config",
-        "eva_config",
-        "corda_config",
-        "lora_ga_config",
-        "use_dora",
-        "lora_bias",
-        "layer_replication",
-        "runtime_config",
-        "target_parameters",
-        "trainable_token_indices",
-        "alora_invocation_tokens",
-        "use_qalora",
-        "qalora_group_size",
-        "use_bdlora",
-        "arrow_config",
-        "velora_config",
-        "monteclora_config",
-        "kasa_config",
-        "ensure_weight_tying",
-    }
-)
-
 # Config keys whose presence (truthy value) changes the forward pass in ways this runtime does not
-# implement: each is refused by name rather than silently served wrong.
+# implement: each is refused by name rather than silently served wrong. Serving one of them is
+# removing its entry here (every other field of PEFT's LoraConfig is accepted: _lora_config_keys).
 _UNSUPPORTED_FLAGS: dict[str, str] = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "LoRA bias on lora_B",
@@ -103,6 +56,21 @@ _UNSUPPORTED_FLAGS: dict[str, str] = {
 
 _warned_unknown_keys: set[frozenset[str]] = set()
 _warned_fan_in_fan_out: set[tuple[str, bool]] = set()
+
+
+@functools.cache
+def _lora_config_keys() -> frozenset[str]:
+    """The fields of PEFT's ``LoraConfig`` (those of its base config included).
+
+    These are the keys a saved ``adapter_config.json`` holds. Those not refused by
+    :data:`_UNSUPPORTED_FLAGS` (or `bias`) do not change what a loaded adapter computes at
+    inference: initialisation, training-time settings, bookkeeping, or coverage that the saved
+    weights already express. Any other key draws a warning. Imported on first use: importing
+    PEFT takes seconds (it imports transformers), too much for ``import polylora_async``.
+    """
+    from peft import LoraConfig
+
+    return frozenset(f.name for f in dataclasses.fields(LoraConfig))
 
 
 @dataclass(frozen=True)
@@ -215,22 +183,38 @@ def read_peft_directory(
     return RawAdapter(config=config, tensors=tensors, origin=str(root), buffer=buffer)
 
 
-# safetensors dtype names (the format's own spelling) -> torch dtypes.
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype names (the format's own spelling) -> the torch dtype the reference reader gives
+# and the bits per element: every dtype that ``safetensors.safe_open(framework="pt")`` reads. F4
+# packs two elements per byte (torch's ``float4_e2m1fn_x2``: the last dimension is halved).
+_SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 64),
+    "F32": (torch.float32, 32),
+    "F16": (torch.float16, 16),
+    "BF16": (torch.bfloat16, 16),
+    "F8_E4M3": (torch.float8_e4m3fn, 8),
+    "F8_E4M3FNUZ": (torch.float8_e4m3fnuz, 8),
+    "F8_E5M2": (torch.float8_e5m2, 8),
+    "F8_E5M2FNUZ": (torch.float8_e5m2fnuz, 8),
+    "F8_E8M0": (torch.float8_e8m0fnu, 8),
+    "F4": (torch.float4_e2m1fn_x2, 4),
+    "C64": (torch.complex64, 64),
+    "I64": (torch.int64, 64),
+    "I32": (torch.int32, 32),
+    "I16": (torch.int16, 16),
+    "I8": (torch.int8, 8),
+    "U64": (torch.uint64, 64),
+    "U32": (torch.uint32, 32),
+    "U16": (torch.uint16, 16),
+    "U8": (torch.uint8, 8),
+    "BOOL": (torch.bool, 8),
 }
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+# The limits the reference reader applies: the header size; sizes and offsets are unsigned 64-bit
+# integers (and torch shapes signed ones); its JSON parser nests at most 127 levels.
+_MAX_HEADER_BYTES = 100_000_000
+_MAX_USIZE = 2**64 - 1
+_MAX_DIM = 2**63 - 1
+_MAX_JSON_DEPTH = 127
+_TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 
 
 def read_safetensors(
@@ -238,13 +222,20 @@ def read_safetensors(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Read a safetensors file: its tensors, and the one uint8 buffer they are views of.
 
-    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
-    byte offsets into the data section) and the data section. The data section is read with one
-    ``readinto`` straight into one buffer (no per-tensor allocation or copy; the interpreter lock
-    is released during the read), and every tensor is a view of it. The header is checked like the
-    reference implementation checks it: known dtypes, byte ranges inside the file that match the
-    shapes, no overlaps. The buffer is returned only if the tensors cover it exactly, without gaps
-    (what every writer produces); otherwise ``None``, and the tensors are still correct.
+    The format is an 8-byte little-endian header length, a UTF-8 JSON header (tensor name ->
+    dtype, shape and byte offsets into the data section; optionally ``__metadata__``, a string ->
+    string map) and the data section. A file is accepted exactly when the reference reader
+    (``safetensors.safe_open`` with torch) accepts it: a header of at most 100,000,000 bytes
+    holding one JSON object, tensors whose byte ranges, sorted, tile the data section from its
+    first byte to the end of the file, each exactly as long as its dtype and shape need (no gaps,
+    no overlaps, no trailing bytes; zero-size tensors allowed). A name given twice means its last
+    entry, as there. ``tests/test_safetensors.py`` compares the two over crafted and fuzzed files.
+
+    The data section is read with one ``readinto`` straight into one buffer (page-locked with
+    ``pin_memory``; no per-tensor allocation or copy, and the interpreter lock is released during
+    the read), and every tensor is a view of it. The buffer is returned when every tensor is a
+    view; a tensor at an offset that is not a multiple of its element size (legal, never written
+    in practice) is a copy instead, and then the buffer is ``None``.
 
     Raises:
         AdapterLoadError: the file is missing, truncated, or not a valid safetensors file.
@@ -257,15 +248,16 @@ def read_safetensors(
             if len(head) < 8:
                 raise AdapterLoadError(f"{where}: {size} bytes is too short for a safetensors file")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            if header_len > _MAX_HEADER_BYTES:
+                raise AdapterLoadError(
+                    f"{where}: its header claims {header_len} bytes, above the format's limit of {_MAX_HEADER_BYTES}"
+                )
+            if header_len > size - 8:
                 raise AdapterLoadError(
                     f"{where}: its header claims {header_len} bytes but the file has {size} (truncated or not "
                     "a safetensors file)"
                 )
-            try:
-                header = json.loads(file.read(header_len))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise AdapterLoadError(f"{where}: its header is not valid JSON: {exc}") from exc
+            header = _parse_safetensors_header(where, file.read(header_len))
             data_len = size - 8 - header_len
             entries = _safetensors_entries(where, header, data_len)
             buffer = torch.empty(data_len, dtype=torch.uint8, pin_memory=pin_memory)
@@ -280,51 +272,200 @@ def read_safetensors(
         raise AdapterLoadError(f"{where}: {exc}") from exc
     tensors: dict[str, torch.Tensor] = {}
     typed: dict[torch.dtype, torch.Tensor] = {}
-    covered = 0
-    for name, dtype, shape, begin, end in entries:
+    all_views = True
+    for name, dtype, shape, begin in entries:
         tensors[name] = _tensor_view(buffer, typed, dtype, shape, begin)
-        aligned = begin % dtype.itemsize == 0  # a misaligned tensor is a copy, not a view
-        covered = covered + (end - begin) if aligned and begin == covered else -1
-    return tensors, (buffer if covered == data_len else None)
+        all_views = all_views and begin % dtype.itemsize == 0  # a misaligned tensor is a copy
+    return tensors, (buffer if all_views else None)
+
+
+class _JsonObject(dict[str, Any]):
+    """A parsed JSON object that remembers which of its keys were given more than once."""
+
+    repeated: frozenset[str] = frozenset()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    result = _JsonObject(pairs)  # the last of repeated keys wins, as in the reference
+    if len(result) != len(pairs):
+        result.repeated = frozenset(k for k, _ in pairs if sum(1 for o, _ in pairs if o == k) > 1)
+    return result
+
+
+def _json_int(text: str) -> int | float:
+    # The reference's parser reads "-0" and integers beyond 64 bits as floats (and refuses those
+    # too large for a float): a float is no valid size or offset.
+    value = int(text)
+    if text == "-0" or not -(2**63) <= value <= _MAX_USIZE:
+        return _json_float(text)
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} out of range")
+    return value
+
+
+def _refuse_json_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+# What makes Python's json read a header differently from the reference's parser: a "-0" (a float
+# there), or an escape that may be an unpaired surrogate. Headers without either (all that writers
+# produce) skip the slower exact checks. (Integers too large for a float, refused there, matter
+# only in ignored fields: see _fits_reference_parser.)
+_JSON_NEEDS_CARE = re.compile(rb"-0(?![.eE0-9])|\\u[dD][89a-fA-F]")
+
+
+def _parse_safetensors_header(where: str, raw: bytes) -> _JsonObject:
+    """The header's JSON object, parsed as strictly as the reference's parser.
+
+    Python's ``json`` is looser in a few ways, each refused here: ``NaN``/``Infinity``, numbers
+    out of a float's range, unpaired surrogate escapes in strings, and (in
+    :func:`_tensor_fields`) nesting deeper than 127 levels.
+    """
+    careful = _JSON_NEEDS_CARE.search(raw) is not None
+    try:
+        header = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_json_object,
+            parse_int=_json_int if careful else None,
+            parse_float=_json_float,
+            parse_constant=_refuse_json_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise AdapterLoadError(f"{where}: its header is not valid JSON: {exc}") from exc
+    if not isinstance(header, _JsonObject):
+        raise AdapterLoadError(f"{where}: its header must be a JSON object, got {type(header).__name__}")
+    level: list[Any] = [header] if careful else []
+    while level:  # every string, for unpaired surrogates
+        nested: list[Any] = []
+        for item in level:
+            for value in (*item.keys(), *item.values()) if isinstance(item, dict) else item:
+                if isinstance(value, str):
+                    _check_utf8(where, value)
+                elif isinstance(value, (dict, list)):
+                    nested.append(value)
+        level = nested
+    return header
+
+
+def _fits_reference_parser(value: Any, depth: int) -> bool:
+    """Whether the reference's parser reads ``value``, found at nesting ``depth``: at most 127 levels,
+    no integer beyond a float's range."""
+    level: list[Any] = [value]
+    while level:
+        depth += 1
+        if depth > _MAX_JSON_DEPTH:
+            return False
+        nested: list[Any] = []
+        for container in level:
+            for item in container.values() if isinstance(container, dict) else container:
+                if isinstance(item, (dict, list)):
+                    nested.append(item)
+                elif isinstance(item, int) and abs(item) > _MAX_USIZE:
+                    try:
+                        float(item)
+                    except OverflowError:
+                        return False
+        level = nested
+    return True
+
+
+def _check_utf8(where: str, text: str) -> None:
+    # An escaped unpaired surrogate ("\ud800") parses to a str that has no UTF-8 form.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise AdapterLoadError(f"{where}: its header holds an unpaired surrogate in {text!r}") from exc
+
+
+def _is_usize(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_USIZE
 
 
 def _safetensors_entries(
-    where: str, header: object, data_len: int
-) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
-    """The header's tensors sorted by offset: (name, dtype, shape, begin, end), all checked."""
-    if not isinstance(header, dict):
-        raise AdapterLoadError(f"{where}: its header must be a JSON object, got {type(header).__name__}")
+    where: str, header: _JsonObject, data_len: int
+) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+    """The header's tensors sorted by offset, (name, torch dtype, torch shape, begin), all checked."""
+    if "__metadata__" in header.repeated:
+        raise AdapterLoadError(f"{where}: its header gives `__metadata__` twice")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise AdapterLoadError(f"{where}: its `__metadata__` must map strings to strings, got {metadata!r}")
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict):
-            raise AdapterLoadError(f"{where}: tensor {name!r} has no dtype/shape/data_offsets entry")
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
-        if dtype is None:
-            raise AdapterLoadError(f"{where}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        fields = _tensor_fields(where, name, info)
+        kind = _SAFETENSORS_DTYPES.get(fields[0]) if isinstance(fields[0], str) else None
+        if kind is None:
+            raise AdapterLoadError(f"{where}: tensor {name!r} has unsupported dtype {fields[0]!r}")
+        dtype, bits = kind
+        shape, offsets = fields[1], fields[2]
+        if not (isinstance(shape, list) and all(_is_usize(d) for d in shape)):
             raise AdapterLoadError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(o) for o in offsets)):
             raise AdapterLoadError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not 0 <= begin <= end or end - begin != nbytes:
-            raise AdapterLoadError(
-                f"{where}: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs {nbytes} bytes, "
-                f"but its data_offsets are {offsets}"
-            )
-        if end > data_len:
-            raise AdapterLoadError(
-                f"{where}: tensor {name!r} ends at byte {end} of a {data_len}-byte data section (truncated file)"
-            )
-        entries.append((name, dtype, tuple(shape), begin, end))
+        count = 1
+        for extent in (*shape, bits):  # the element count, then its bits: 64-bit, as in the reference
+            count *= extent
+            if count > _MAX_USIZE:
+                raise AdapterLoadError(f"{where}: tensor {name!r} has a shape {shape} too large to address")
+        torch_shape = list(shape)
+        if bits < 8:  # two elements per byte: the last dimension holds pairs
+            if not shape or shape[-1] % 2:
+                raise AdapterLoadError(f"{where}: tensor {name!r} of dtype {fields[0]} needs an even last dimension")
+            torch_shape[-1] //= 2
+        if any(d > _MAX_DIM for d in torch_shape):
+            raise AdapterLoadError(f"{where}: tensor {name!r} has a shape {shape} too large for torch")
+        entries.append((name, dtype, tuple(torch_shape), offsets[0], offsets[1], count // 8))
     entries.sort(key=lambda e: (e[3], e[4]))
-    for previous, entry in itertools.pairwise(entries):
-        if entry[3] < previous[4]:
-            raise AdapterLoadError(f"{where}: tensors {previous[0]!r} and {entry[0]!r} overlap in the file")
-    return entries
+    covered = 0
+    for name, _, _, begin, end, nbytes in entries:
+        if begin != covered or end < begin:
+            problem = "overlaps the tensor before it" if begin < covered else f"leaves bytes {covered}..{begin} unused"
+            raise AdapterLoadError(
+                f"{where}: tensor {name!r} has data_offsets {[begin, end]}, which "
+                f"{'ends before it begins' if end < begin else problem} (tensors must tile the data section)"
+            )
+        if end - begin != nbytes:
+            raise AdapterLoadError(
+                f"{where}: tensor {name!r} needs {nbytes} bytes for its dtype and shape, but its data_offsets "
+                f"are {[begin, end]}"
+            )
+        covered = end
+    if covered != data_len:
+        raise AdapterLoadError(
+            f"{where}: its tensors cover {covered} bytes of a {data_len}-byte data section (truncated file or "
+            "trailing bytes)"
+        )
+    return [(name, dtype, shape, begin) for name, dtype, shape, begin, _, _ in entries]
+
+
+def _tensor_fields(where: str, name: str, info: object) -> tuple[object, object, object]:
+    """(dtype, shape, data_offsets) of a header entry: an object, or a 3-element array in that order."""
+    if isinstance(info, list) and len(info) == 3:
+        return info[0], info[1], info[2]
+    if isinstance(info, _JsonObject) and all(key in info for key in _TENSOR_FIELDS):
+        twice = info.repeated.intersection(_TENSOR_FIELDS)
+        if twice:
+            raise AdapterLoadError(f"{where}: tensor {name!r} gives `{min(twice)}` twice")
+        if len(info) > len(_TENSOR_FIELDS):
+            # Unknown fields are ignored, but the reference still parses them. Nesting counts from
+            # the header (1) and this entry (2); accepted fields hold no nesting beyond 3.
+            for key, value in info.items():
+                if key in _TENSOR_FIELDS:
+                    continue
+                if not _fits_reference_parser([value], 1):
+                    raise AdapterLoadError(
+                        f"{where}: tensor {name!r} has a field {key!r} nested deeper than {_MAX_JSON_DEPTH} levels "
+                        "or holding a number out of range"
+                    )
+        return info["dtype"], info["shape"], info["data_offsets"]
+    raise AdapterLoadError(f"{where}: tensor {name!r} needs a dtype, a shape and data_offsets, got {info!r:.200}")
 
 
 def _tensor_view(
@@ -332,6 +473,8 @@ def _tensor_view(
 ) -> torch.Tensor:
     """The tensor at byte ``begin`` of ``buffer``: one ``as_strided`` call on a per-dtype view of it."""
     size = dtype.itemsize
+    if math.prod(shape) == 0:  # nothing to view (and a huge empty shape has no addressable strides)
+        return torch.empty(shape, dtype=dtype)
     if begin % size:  # a misaligned offset (legal in the format, never written in practice): a copy
         return buffer[begin : begin + math.prod(shape) * size].clone().view(dtype).view(shape)
     whole = typed.get(dtype)
@@ -502,7 +645,8 @@ def validate_adapter(
         found[layer_name] = (a, b, spec.scale_for(module, rank))
     _check_fan_in_fan_out(where, spec.fan_in_fan_out, [layers[n] for n in found])
     packed_dtype = _packed_dtype(raw)
-    _check_finite(where, raw, {**pairs, **head_tensors}, packed_dtype)
+    whole = raw.buffer.view(packed_dtype) if raw.buffer is not None and packed_dtype is not None else None
+    _check_finite(where, whole, {**pairs, **head_tensors})
     return _pack(adapter_id, raw, found, dtype, pin_memory, packed_dtype, head_tensors)
 
 
@@ -556,14 +700,87 @@ def _packed_dtype(raw: RawAdapter) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def _check_finite(
-    where: str, raw: RawAdapter, pairs: Mapping[str, Mapping[str, torch.Tensor]], packed_dtype: torch.dtype | None
-) -> None:
-    """No NaN/Inf anywhere: one reduction over a whole safetensors buffer, else one per tensor."""
-    if raw.buffer is not None and packed_dtype is not None:
+def validate_weights(
+    adapter_id: str,
+    weights: AdapterWeights,
+    layers: Mapping[str, LayerShape],
+    max_rank: int,
+    dtype: torch.dtype,
+    *,
+    pin_memory: bool = False,
+    heads: Mapping[str, HeadSpec] | None = None,
+) -> AdapterWeights:
+    """Check ready-made :class:`AdapterWeights` (built by hand, or for another model) like a read adapter.
+
+    Every layer must be a wrapped layer with factors of its shape, ranks within ``max_rank``,
+    finite scales and finite weights; every head copy must fit a wrapped head of ``heads``. The
+    result is packed in ``dtype`` on the CPU
+    (:func:`pack_weights`; weights that already are come back as they are) under ``adapter_id``.
+
+    Raises:
+        AdapterFormatError: a layer, shape, rank, scale or value that does not fit (names the layer).
+    """
+    where = f"adapter {adapter_id!r} ({weights.origin})"
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, lora in weights.layers.items():
+        shape = layers.get(name)
+        if shape is None:
+            raise AdapterFormatError(f"{where}: layer {name!r} is not a wrapped layer of this model")
+        _check_kind(where, f"{name}.a", lora.a)
+        _check_kind(where, f"{name}.b", lora.b)
+        rank = lora.rank
+        if not 1 <= rank <= max_rank:
+            raise AdapterFormatError(f"{where}: layer {name!r} has rank {rank}, outside [1, max_rank={max_rank}]")
+        if tuple(lora.a.shape) != (rank, shape.in_features) or tuple(lora.b.shape) != (shape.out_features, rank):
+            raise AdapterFormatError(
+                f"{where}: layer {name!r} has a {tuple(lora.a.shape)} and b {tuple(lora.b.shape)}, needs "
+                f"a ({rank}, {shape.in_features}) and b ({shape.out_features}, {rank})"
+            )
+        if isinstance(lora.scale, bool) or not isinstance(lora.scale, (int, float)) or not math.isfinite(lora.scale):
+            raise AdapterFormatError(f"{where}: layer {name!r} has scale {lora.scale!r}, not a finite number")
+        pairs[name] = {"a": lora.a, "b": lora.b}
+    for name, tensors in weights.heads.items():
+        spec = None if heads is None else heads.get(name)
+        if spec is None:
+            raise AdapterFormatError(f"{where}: module {name!r} is not a wrapped head of this model")
+        pairs[name] = check_head(where, name, spec, tensors)
+    if not weights.layers and not weights.heads:
+        raise AdapterFormatError(f"{where}: the weights hold no layers")
+    _check_finite(where, _backing_storage(weights), pairs)
+    packed = pack_weights(weights, pin_memory=pin_memory, dtype=dtype)
+    # Hand-built weights that already fit come back as they are: give them this id and a true size.
+    nbytes = sum(t.numel() for parts in pairs.values() for t in parts.values()) * dtype.itemsize
+    if packed.adapter_id != adapter_id or packed.nbytes != nbytes:
+        packed = dataclasses.replace(packed, adapter_id=adapter_id, nbytes=nbytes)
+    return packed
+
+
+def _backing_storage(weights: AdapterWeights) -> torch.Tensor | None:
+    """``weights.storage`` when every factor lies inside it (so one reduction checks them all), else None."""
+    storage = weights.storage
+    if storage is None or storage.dim() != 1:
+        return None
+    factors = [t for lora in weights.layers.values() for t in (lora.a, lora.b)]
+    factors += [t for tensors in weights.heads.values() for t in tensors.values()]
+    begin = storage.data_ptr()
+    end = begin + storage.numel() * storage.element_size()
+    inside = all(
+        t.dtype == storage.dtype
+        and t.device == storage.device
+        and t.is_contiguous()
+        and begin <= t.data_ptr()
+        and t.data_ptr() + t.numel() * t.element_size() <= end
+        for t in factors
+    )
+    return storage if inside else None
+
+
+def _check_finite(where: str, whole: torch.Tensor | None, pairs: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """No NaN/Inf anywhere: one reduction over ``whole`` (memory every tensor is a view of), else one per tensor."""
+    if whole is not None:
         # One call for the whole adapter (~0.1 ms for 8 MB on one CPU core) instead of ~10 us of
         # Python and dispatch per tensor while holding the interpreter lock (256 tensors: ~3 ms).
-        if _sum_is_finite(raw.buffer.view(packed_dtype)):
+        if _sum_is_finite(whole):
             return
     for module, parts in pairs.items():
         for part, tensor in parts.items():
@@ -733,7 +950,7 @@ class _LoraSpec:
         bias = config.get("bias", "none")
         if bias != "none":
             raise UnsupportedAdapterError(f"{where}: field `bias`={bias!r}: LoRA bias is not supported")
-        unknown = frozenset(config) - _HARMLESS_KEYS
+        unknown = frozenset(config) - _lora_config_keys()
         if unknown and unknown not in _warned_unknown_keys:
             _warned_unknown_keys.add(unknown)
             warnings.warn(

@@ -3,7 +3,8 @@
 Every metric lives in a ``CollectorRegistry`` that the user passes in, or in a fresh one owned by the
 :class:`RuntimeMetrics` object. Nothing is registered in ``prometheus_client.REGISTRY``, at import or
 later, so two runtimes in one process never collide. Serve a registry over HTTP with
-``serve_metrics`` or mount ``metrics_asgi_app`` in a web app (both in ``_exposition``).
+``serve_metrics`` or mount ``metrics_asgi_app`` in a web app (both in ``_exposition``, both
+prometheus_client's own server and app).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from ._adapters import (
     raw_from_state_dict,
     read_peft_directory,
     validate_adapter,
+    validate_weights,
     view_at,
 )
 from ._batch import BatchContext, BatchState, MixedSharedInputError
@@ -216,7 +217,8 @@ class MultiLoraModel(nn.Module):
         Args:
             adapter_id: the id it will be served under.
             source: a PEFT adapter directory, a ``peft.PeftModel`` (with ``peft_adapter_name``),
-                a :class:`RawAdapter`, or already validated :class:`AdapterWeights`.
+                a ``(state_dict, config)`` tuple, a :class:`RawAdapter`, or :class:`AdapterWeights`
+                (checked against this model's layers like the others: shapes, ranks, finite values).
             pin_memory: keep the validated weights in page-locked memory (needs CUDA), ready for
                 asynchronous copies to the device.
 
@@ -226,7 +228,15 @@ class MultiLoraModel(nn.Module):
         """
         _check_adapter_id(adapter_id)
         if isinstance(source, AdapterWeights):
-            return pack_weights(source, pin_memory=True, dtype=self.dtype) if pin_memory else source
+            return validate_weights(
+                adapter_id,
+                source,
+                self.layer_shapes(),
+                self.config.max_rank,
+                self.dtype,
+                pin_memory=pin_memory,
+                heads=self.head_specs(),
+            )
         if isinstance(source, RawAdapter):
             raw = source
         elif isinstance(source, (str, os.PathLike)):

@@ -50,7 +50,6 @@ from ._adapters import (
     PICKLE_FILE,
     SAFETENSORS_FILE,
     AdapterWeights,
-    LayerLora,
     RawAdapter,
     read_peft_directory,
 )
@@ -58,7 +57,6 @@ from ._catalog import BASE_REF, AdapterCatalog, AdapterKey, AdapterRef, Resolver
 from ._cpu_tier import CpuTier, stage_weights
 from ._disk_tier import DiskCache, DiskStats, weights_to_raw
 from ._errors import (
-    AdapterFormatError,
     AdapterLoadError,
     AdapterNotFoundError,
     AdapterNotReadyError,
@@ -68,7 +66,6 @@ from ._errors import (
     StoreClosedError,
 )
 from ._gpu_tier import GpuSlot, GpuSlots, SlotState, SlotWriter
-from ._heads import check_head
 from ._model import MultiLoraModel
 
 logger = logging.getLogger("polylora_async")
@@ -1309,7 +1306,7 @@ class AdapterStore:
         raw: RawAdapter | None
         if isinstance(source, AdapterWeights):
             raw = None
-            weights = self._fit(ref.adapter_id, source)
+            weights = self.model.prepare_adapter(ref.adapter_id, source, pin_memory=self._pin)
         else:
             raw = (
                 source
@@ -1331,44 +1328,6 @@ class AdapterStore:
             self._disk.remove(ref.adapter_id, token)
             raise
         return stage_weights(weights, pin=self._pin)
-
-    def _fit(self, adapter_id: str, weights: AdapterWeights) -> AdapterWeights:
-        """Check already validated weights against this model (they may come from another one)."""
-        shapes = self.model.layer_shapes()
-        max_rank = self.model.config.max_rank
-        dtype = self.model.dtype
-        where = f"adapter {adapter_id!r} ({weights.origin})"
-        layers: dict[str, LayerLora] = {}
-        nbytes = 0
-        for name, lora in weights.layers.items():
-            shape = shapes.get(name)
-            if shape is None:
-                raise AdapterFormatError(f"{where}: layer {name!r} is not a wrapped layer of this model")
-            rank = lora.rank
-            if not 1 <= rank <= max_rank:
-                raise AdapterFormatError(f"{where}: layer {name!r} has rank {rank}, outside [1, max_rank={max_rank}]")
-            if tuple(lora.a.shape) != (rank, shape.in_features) or tuple(lora.b.shape) != (shape.out_features, rank):
-                raise AdapterFormatError(
-                    f"{where}: layer {name!r} has a {tuple(lora.a.shape)} and b {tuple(lora.b.shape)}, needs "
-                    f"a ({rank}, {shape.in_features}) and b ({shape.out_features}, {rank})"
-                )
-            if not math.isfinite(lora.scale):
-                raise AdapterFormatError(f"{where}: layer {name!r} has scale {lora.scale}")
-            a = lora.a.detach().to(device="cpu", dtype=dtype)
-            b = lora.b.detach().to(device="cpu", dtype=dtype)
-            layers[name] = LayerLora(a=a, b=b, scale=float(lora.scale))
-            nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-        specs = self.model.head_specs()
-        heads: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensors in weights.heads.items():
-            if name not in specs:
-                raise AdapterFormatError(f"{where}: module {name!r} is not a wrapped head of this model")
-            checked = check_head(where, name, specs[name], tensors)
-            heads[name] = {k: t.to(device="cpu", dtype=dtype) for k, t in checked.items()}
-            nbytes += sum(t.numel() * t.element_size() for t in heads[name].values())
-        return AdapterWeights(
-            adapter_id=weights.adapter_id, layers=layers, origin=weights.origin, nbytes=nbytes, heads=heads
-        )
 
 
 def _fingerprint_directory(path: Path) -> str | None:

@@ -164,17 +164,73 @@ def test_rank_disagreeing_with_config_is_refused(served, llama_set: AdapterSet, 
     _refused(served, path, AdapterFormatError, "rank 4 in its weights but 6 in its config")
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weights_are_refused(served, llama_set: AdapterSet, tmp_path: Path, bad: float) -> None:  # type: ignore[no-untyped-def]
+_POISONED = "layers.0.self_attn.q_proj"
+_SOURCE_KINDS = ["directory", "peft_model", "state_dict", "adapter_weights", "packed_adapter_weights"]
+
+
+def _poisoned_source(llama_set: AdapterSet, tmp_path: Path, kind: str, bad: float) -> object:
+    """A source of ``kind`` whose q_proj lora_A of layer 0 holds one ``bad`` value."""
+    from peft import PeftModel
+
+    if kind in ("adapter_weights", "packed_adapter_weights"):
+        model = MultiLoraModel(copy.deepcopy(llama_set.base), WrapConfig(LLAMA_TARGETS, max_rank=8, num_slots=1))
+        weights = model.prepare_adapter("good", llama_set.paths[GOOD])
+        if kind == "packed_adapter_weights":  # one storage behind every factor: poison it there
+            assert weights.storage is not None
+            weights.layers[_POISONED].a[1, 3] = bad
+            return weights
+        layers = {n: LayerLora(lora.a.clone(), lora.b.clone(), lora.scale) for n, lora in weights.layers.items()}
+        layers[_POISONED].a[1, 3] = bad
+        return AdapterWeights("good", layers, "built by hand")
     path = _variant(llama_set, tmp_path)
-    key = "base_model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    key = f"base_model.model.{_POISONED}.lora_A.weight"
 
     def poison(t: dict[str, torch.Tensor]) -> None:
         t[key] = t[key].clone()
         t[key][1, 3] = bad
 
     _edit_tensors(path, poison)
-    _refused(served, path, AdapterFormatError, "layers.0.self_attn.q_proj.lora_A", "NaN/Inf")
+    if kind == "directory":
+        return path
+    if kind == "peft_model":
+        return PeftModel.from_pretrained(copy.deepcopy(llama_set.base), str(path))
+    config = json.loads((path / "adapter_config.json").read_text())
+    return load_file(str(path / "adapter_model.safetensors")), config
+
+
+@pytest.mark.parametrize("kind", _SOURCE_KINDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_from_every_source(  # type: ignore[no-untyped-def]
+    served, llama_set: AdapterSet, tmp_path: Path, kind: str, bad: float
+) -> None:
+    source = _poisoned_source(llama_set, tmp_path, kind, bad)
+    _refused(served, source, AdapterFormatError, _POISONED, "NaN/Inf")
+
+
+def test_hand_built_weights_are_checked_against_the_model(served, llama_set: AdapterSet) -> None:  # type: ignore[no-untyped-def]
+    model, _ = served
+    weights = model.prepare_adapter("good", llama_set.paths[GOOD])
+    lora = weights.layers[_POISONED]
+    wrong_shape = {_POISONED: LayerLora(lora.a[:, :-1].clone(), lora.b.clone(), lora.scale)}
+    _refused(served, AdapterWeights("x", wrong_shape, "hand"), AdapterFormatError, _POISONED, "needs a")
+    bad_scale = {_POISONED: LayerLora(lora.a.clone(), lora.b.clone(), float("nan"))}
+    _refused(served, AdapterWeights("x", bad_scale, "hand"), AdapterFormatError, _POISONED, "scale nan")
+    # Accepted ones are served under the id they are loaded with, in the model's dtype, with their size.
+    fitted = model.prepare_adapter("renamed", AdapterWeights("x", {_POISONED: lora}, "hand"))
+    assert fitted.adapter_id == "renamed" and fitted.layers[_POISONED].a.dtype == model.dtype
+    assert fitted.nbytes == (lora.a.numel() + lora.b.numel()) * model.dtype.itemsize
+
+
+def test_config_keys_are_peft_lora_config_fields(served, llama_set: AdapterSet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from peft import LoraConfig
+
+    # Every field PEFT writes, at its default, loads without a warning (warnings are errors here).
+    model, _ = served
+    path = _variant(llama_set, tmp_path)
+    defaults = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]).to_dict()
+    _edit_config(path, **{k: v for k, v in defaults.items() if k not in ("r", "lora_alpha", "target_modules")})
+    model.load_adapter("every-field", path)
+    model.unload_adapter("every-field")
 
 
 def test_missing_directory_config_and_weights(served, llama_set: AdapterSet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -375,7 +431,7 @@ def test_reader_copes_with_a_misaligned_tensor(tmp_path: Path) -> None:
             "overlap",
         ),
         ([1, 2], b"", "must be a JSON object"),
-        ({"t": 3}, b"", "no dtype/shape/data_offsets"),
+        ({"t": 3}, b"", "needs a dtype, a shape and data_offsets"),
     ],
 )
 def test_reader_refuses_broken_headers(tmp_path: Path, header: object, data: bytes, message: str) -> None:
