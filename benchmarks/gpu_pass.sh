@@ -5,7 +5,8 @@
 #    processes when pytest-xdist is there; kernels5: bench_kernels.py on its five main cases; ksweep: the
 #    kernel config sweep + host cost; khost: the host cost only; modelfast: bench_model.py without --peft;
 #    loadhost: an adapter load's host cost by stage and its interference with a forward's host work;
-#    storegpu / rtgpu: the store's / the runtime's GPU tests only)
+#    storegpu / rtgpu: the store's / the runtime's GPU tests only; tasks: classification heads, GPT-2 Conv1D
+#    and task-shaped inputs on the GPU)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -43,6 +44,7 @@ for step in $steps; do
         runtime) timeout 300 python3 benchmarks/bench_runtime.py --json "$OUT/runtime.json" 2>&1 | tee "$OUT/runtime.log" | tail -25 ;;
         profile) timeout 200 python3 benchmarks/profile_model.py 2>&1 | tee "$OUT/profile.log" | head -60 ;;
         storegpu) timeout 200 python3 -m pytest -m gpu tests/gpu/test_store_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/store_gpu.log" | tail -15 ;;
+        tasks)   timeout 200 python3 -m pytest -m gpu $(ls tests/gpu/test_heads_gpu.py tests/gpu/test_conv1d_gpu.py tests/gpu/test_runtime_io_gpu.py 2>/dev/null) -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/tasks_gpu.log" | tail -25 ;;
         rtgpu)   timeout 120 python3 -m pytest -m gpu tests/gpu/test_runtime_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/runtime_gpu.log" | tail -15 ;;
         demo)    timeout 200 python3 -m polylora_async demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
     esac
