@@ -197,15 +197,31 @@ class DiskCache:
         listed = self._read_manifest()
         on_disk = {p.name: p for p in self._entries_dir.iterdir()}
         kept: dict[str, DiskEntry] = {}
+        # Spills of in-memory adapters are private to the run that wrote them (their token is a
+        # fresh uuid), so dropping them on reopen is expected, not damage: say so apart.
+        ephemeral: set[str] = set()
         for entry in listed:
             path = on_disk.get(entry.name)
-            if path is not None and not entry.ephemeral and self._entry_intact(entry, path):
+            if path is None:
+                continue
+            if entry.ephemeral:
+                ephemeral.add(entry.name)
+            elif self._entry_intact(entry, path):
                 kept[entry.name] = entry
         for name, path in on_disk.items():
-            if name not in kept:
-                self._dropped_at_open += 1
+            if name in kept:
+                continue
+            self._dropped_at_open += 1
+            if name not in ephemeral:
                 logger.warning("adapter disk cache %s: dropping incomplete or unlisted entry %r", self.root, name)
-                _remove_path(path)
+            _remove_path(path)
+        if kept or ephemeral:
+            logger.info(
+                "adapter disk cache %s: kept %d cached entries, dropped %d spilled entries of a previous run",
+                self.root,
+                len(kept),
+                len(ephemeral),
+            )
         self._index = kept
         self._opened = True
         # The bounds may have shrunk since the last run.

@@ -1162,6 +1162,8 @@ class AdapterStore:
         except Exception as exc:
             if not isinstance(exc, AdapterNotFoundError):  # a version that died meanwhile did not fail
                 self._load_failures += 1
+                # Once per failed load (waiters share this job), so a background failure is not silent.
+                logger.warning("adapter %r version %d failed to load: %s", ref.adapter_id, ref.version, exc)
             call.fail(exc)
         finally:
             if self._cpu_jobs.get(ref.key) is call:

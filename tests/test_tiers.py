@@ -400,6 +400,22 @@ def test_disk_durable_entries_are_never_evicted(tmp_path: Path) -> None:
     assert reopened.stats().dropped_at_open == 1
 
 
+def test_disk_reopen_logs_spills_apart_from_damage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = DiskCache(tmp_path)
+    assert cache.write("spill", "m", _raw(1), durable=True, ephemeral=True).written
+    assert cache.write("cached", "t", _raw(2)).written
+    cache.close()
+    (tmp_path / "entries" / "stray").mkdir()
+    with caplog.at_level("INFO", logger="polylora_async"):
+        reopened = DiskCache(tmp_path)
+        reopened.open()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(warnings) == 1 and "'stray'" in warnings[0]  # the spill is not reported as damage
+    assert any("kept 1 cached entries, dropped 1 spilled" in m for m in infos)
+    assert reopened.stats().dropped_at_open == 2
+
+
 def _populated(root: Path, n: int = 3) -> None:
     cache = DiskCache(root)
     for i in range(n):
