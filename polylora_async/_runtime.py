@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from ._catalog import Resolver
 from ._config import BASE_ADAPTER
 from ._errors import (
     BatchFailedError,
@@ -79,7 +80,8 @@ class RuntimeConfig:
             queue can fill it; otherwise the queue keeps filling until the running batch completes.
         pad_to_multiple: batches are padded to a length that is a multiple of this (16: fewer
             distinct shapes for the model's kernels, at most 15 padding tokens per row).
-        pad_values: padding value per input name (default 0).
+        pad_values: padding value per input name (default: the model's ``config.pad_token_id`` for
+            ``input_ids`` and ``decoder_input_ids``, 0 for everything else).
         attention_mask: add an ``attention_mask`` input when requests carry none; ``None``
             means "if the model's forward accepts one".
         results_on_cpu: copy each row's result to CPU memory (in the worker thread).
@@ -195,6 +197,14 @@ class Runtime:
         store_config: adapter tier bounds (CPU bytes, disk cache, ...).
         select_output: picks the per-row tensor from the model's output (default
             :func:`default_select_output`); each row gets its slice, cut to its own length.
+        resolver: ``async def resolver(adapter_id) -> source | None`` for ids not registered up
+            front: a PEFT directory, a PeftModel or a ``(state_dict, config)`` tuple; ``None``
+            means unknown (:class:`AdapterNotFoundError`), a raising resolver fails that request
+            with :class:`AdapterLoadError`. Resolved directories are copied into the disk cache
+            when one is configured, so a catalog far larger than memory can be fetched on demand.
+
+    The runtime puts ``model`` in evaluation mode (``model.eval()``): rows must not depend on
+    dropout. Put it back in training mode only after the runtime is closed.
     """
 
     def __init__(
@@ -205,11 +215,22 @@ class Runtime:
         *,
         store_config: StoreConfig | None = None,
         select_output: OutputSelector | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
+        if resolver is not None and not callable(resolver):
+            raise ConfigError(f"`resolver` must be an async callable id -> source, got {type(resolver).__name__}")
         self.model = model
         self.config = config or RuntimeConfig()
         self.metrics = RuntimeMetrics(registry)
-        self.store = AdapterStore(model, config=store_config or StoreConfig(), metrics=self.metrics)
+        self.store = AdapterStore(
+            model, config=store_config or StoreConfig(), metrics=self.metrics, resolver=resolver
+        )
+        # Serving is inference: dropout (and anything else a module does in training mode) would make
+        # rows random. A model built from a config starts in training mode, so the runtime switches it.
+        model.eval()
+        # Token ids are padded with the model's own pad id: a decoder classifier finds each row's
+        # last real token by looking for it, so padding with another id would move that token.
+        self._pad_values = {**_default_pad_values(model.model), **self.config.pad_values}
         self._select = select_output or default_select_output
         self._add_mask = self.config.attention_mask
         if self._add_mask is None:
@@ -420,7 +441,15 @@ class Runtime:
             ref = None
         else:
             with _closed_as_runtime_closed():
-                ref = self.store.resolve_registered(adapter) or await self.store.resolve(adapter)
+                ref = self.store.resolve_registered(adapter)
+                if ref is None:  # the resolver's fetch counts against the request's timeout too
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            ref = await self.store.resolve(adapter)
+                    except TimeoutError:
+                        self._stats["timed_out"] += 1
+                        self.metrics.request_done("timeout", timeout or 0.0)
+                        raise RequestTimeoutError(f"adapter {adapter!r} was not resolved within {timeout} s") from None
         if len(self._pending) >= self.config.max_queue or self._state != "running":
             try:
                 await self._wait_for_room(deadline)
@@ -1126,7 +1155,7 @@ class Runtime:
         for name, sample in requests[0].inputs.items():
             padded = torch.full(
                 (rows, width, *sample.shape[1:]),
-                self.config.pad_values.get(name, 0),
+                self._pad_values.get(name, 0),
                 dtype=sample.dtype,
                 pin_memory=pin,
             )
@@ -1259,6 +1288,14 @@ def _token_mask(requests: list[_Request], width: int) -> torch.Tensor:
 
 def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.device.type == "cpu" else tensor.cpu()
+
+
+def _default_pad_values(model: torch.nn.Module) -> dict[str, int]:
+    """``input_ids`` (and ``decoder_input_ids``) padded with ``config.pad_token_id`` when the model has one."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0:
+        return {"input_ids": pad, "decoder_input_ids": pad}
+    return {}
 
 
 def _vocab_size(model: torch.nn.Module) -> int | None:
