@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import inspect
 import itertools
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -43,6 +45,7 @@ from ._model import MultiLoraModel
 from ._store import AdapterRef, AdapterStore, BatchLease, StoreConfig, StoreStatistics
 
 OutputSelector = Callable[[Any], torch.Tensor]
+_log = logging.getLogger("polylora_async")
 
 
 def default_select_output(outputs: Any) -> torch.Tensor:
@@ -178,6 +181,22 @@ class _Batch:
     slots: list[int]
     width: int
     lease: BatchLease
+    # Set by the worker: where each row's slice of the output ends (see _OutputLayout).
+    layout: _OutputLayout | None = None
+    head_widths: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _OutputLayout:
+    """Which axes of the selected output a row's slice is cut along, learnt from the model.
+
+    ``sequence_axes`` follow the padded length (cut to the row's length); ``head_axes`` map a
+    wrapped head whose width varies per adapter to the axis that follows its width (cut to the
+    row's head width). Axes are of the whole batch output (axis 0 = rows).
+    """
+
+    sequence_axes: tuple[int, ...]
+    head_axes: dict[str, int] = field(default_factory=dict)
 
 
 class Runtime:
@@ -258,6 +277,8 @@ class Runtime:
         self._inflight: set[asyncio.Task[None]] = set()
         self._watchers: dict[object, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # every other task the runtime starts
+        self._layouts: dict[object, _OutputLayout] = {}  # worker thread only
+        self._probe_failed = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._completer: concurrent.futures.ThreadPoolExecutor | None = None
         self._copy_out: Any = None  # CUDA stream for output copies to the host (worker thread only)
@@ -1097,9 +1118,11 @@ class Runtime:
         batch.lease.wait_copies()
         try:
             with torch.inference_mode():
+                batch.head_widths = self.model.head_widths(batch.slots) if self.model.head_names else {}
                 outputs = self.model.forward_slots(batch.slots, **inputs)
                 selected = self._select(outputs)
                 _check_rows(selected, batch)
+                batch.layout = self._layout(batch, selected)
                 if not selected.is_cuda:
                     return "ok", self._split_rows(selected, batch), None
                 computed = torch.cuda.Event()
@@ -1119,6 +1142,62 @@ class Runtime:
                 return "pending", (host, copied), computed
         except Exception as exc:  # the model or the output hook failed: this batch only
             return "error", exc, None
+
+    def _layout(self, batch: _Batch, selected: torch.Tensor) -> _OutputLayout:
+        """The output layout for this batch's input names (probed once per set of names and heads).
+
+        Which output axes follow the sequence cannot be read off one batch: a hidden size or a
+        label count may equal the padded width by coincidence. So one row runs alone, base model,
+        at two lengths: an axis whose size is that length both times follows the sequence. A head
+        whose width varies per adapter is found the same way, with the head made one column wider
+        (:meth:`MultiLoraModel.head_width_probe`). If probing fails, the batch keeps the old rule
+        (axis 1 is cut when its size is the padded width) and a warning is logged once.
+        """
+        names = tuple(batch.requests[0].inputs)
+        key = (names, tuple(sorted(batch.head_widths)))
+        layout = self._layouts.get(key)
+        if layout is not None:
+            return layout
+        try:
+            layout = self._probe_layout(batch)
+        except Exception as exc:  # the batch itself ran: keep its rows, cut along axis 1 if it is the width
+            if not self._probe_failed:
+                self._probe_failed = True
+                _log.warning("output layout probe failed (%r); axis 1 is cut if it has the padded width", exc)
+            return _OutputLayout((1,) if selected.dim() >= 2 and selected.shape[1] == batch.width else ())
+        self._layouts[key] = layout
+        return layout
+
+    def _probe_layout(self, batch: _Batch) -> _OutputLayout:
+        # Two lengths of the first request's own tokens (no padding: a model may treat padding
+        # specially): its first n positions, and those plus the n-th once more.
+        first = batch.requests[0]
+        n = min(first.length, 8)
+        short = {k: v[:n] for k, v in first.inputs.items()}
+        long = {k: torch.cat([v, v[n - 1 : n]]) for k, v in short.items()}
+        probes = [
+            dataclasses.replace(first, inputs=short, length=n),
+            dataclasses.replace(first, inputs=long, length=n + 1),
+        ]
+        shapes = [self._probe_shape(p, batch.lease) for p in probes]
+        sequence_axes = tuple(
+            axis
+            for axis in range(1, len(shapes[0]))
+            if len(shapes[1]) == len(shapes[0]) and (shapes[0][axis], shapes[1][axis]) == (n, n + 1)
+        )
+        head_axes: dict[str, int] = {}
+        for name in sorted(batch.head_widths):
+            with self.model.head_width_probe(name):
+                wider = self._probe_shape(probes[0], batch.lease)
+            grown = [a for a in range(1, len(wider)) if len(wider) == len(shapes[0]) and wider[a] == shapes[0][a] + 1]
+            if len(grown) == 1:
+                head_axes[name] = grown[0]
+        return _OutputLayout(sequence_axes, head_axes)
+
+    def _probe_shape(self, request: _Request, lease: BatchLease) -> tuple[int, ...]:
+        probe = _Batch(requests=[request], slots=[0], width=request.length, lease=lease)
+        selected = self._select(self.model.forward_slots([0], **self._collate(probe)))
+        return tuple(selected.shape)
 
     def _output_stream(self, device: torch.device) -> Any:
         """The worker's stream for copying outputs to the host (created on first use)."""
@@ -1181,9 +1260,19 @@ class Runtime:
         if self.config.results_on_cpu and selected.device.type != "cpu":
             selected = selected.to("cpu")
         rows = selected.unbind(0)
-        if not (selected.dim() >= 2 and selected.shape[1] == batch.width):  # one value per row
+        layout = batch.layout
+        if layout is None or (not layout.sequence_axes and not layout.head_axes):  # one value per row
             return [row.clone() for row in rows]
-        return [row[: r.length].clone() for row, r in zip(rows, batch.requests, strict=True)]
+        if layout.sequence_axes == (1,) and not layout.head_axes:  # the common case: [rows, length, ...]
+            return [row[: r.length].clone() for row, r in zip(rows, batch.requests, strict=True)]
+        out = []
+        for i, (row, request) in enumerate(zip(rows, batch.requests, strict=True)):
+            for axis in layout.sequence_axes:
+                row = row.narrow(axis - 1, 0, request.length)
+            for name, axis in layout.head_axes.items():
+                row = row.narrow(axis - 1, 0, batch.head_widths[name][i])
+            out.append(row.clone())
+        return out
 
     def _crashed(self, exc: BaseException) -> None:
         if self._state == "crashed":

@@ -112,3 +112,45 @@ async def test_a_slow_resolver_counts_against_the_request_timeout(tmp_path: Path
         with pytest.raises(RequestTimeoutError):
             await runtime.submit({"input_ids": torch.tensor([1, 2])}, "slow", timeout=0.05)
         assert runtime.statistics().timed_out == 1
+
+
+async def test_outputs_that_merely_match_the_padded_width_are_not_cut() -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=VOCAB,
+        max_position_embeddings=80, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    bert = BertModel(config).eval()
+    reference_model = copy.deepcopy(bert)
+    model = MultiLoraModel(bert, WrapConfig(["query", "value"], max_rank=4))
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(1, VOCAB, (n,), generator=g) for n in (5, 10, 60)]  # padded to 64 = hidden size
+    pooled = Runtime(model, select_output=lambda out: out.pooler_output)
+    async with asyncio.timeout(60), pooled:
+        outs = await asyncio.gather(*(pooled.submit({"input_ids": ids}) for ids in rows))
+        assert pooled.statistics().batches == 1
+    for ids, out in zip(rows, outs, strict=True):
+        with torch.no_grad():
+            expected = reference_model(input_ids=ids[None]).pooler_output[0]
+        assert out.shape == (64,)
+        torch.testing.assert_close(out, expected, **TOL)
+
+
+async def test_each_row_gets_its_own_heads_labels(tmp_path: Path) -> None:
+    # A 16-label base head in batches padded to 16, and adapters whose heads have 3 and 7 labels.
+    cset = save_classifier_adapters("bert", {"three": 3, "seven": 7}, tmp_path, base_labels=16)
+    model = MultiLoraModel(copy.deepcopy(cset.base), WrapConfig(FAMILIES["bert"][0], max_rank=8))
+    g = torch.Generator().manual_seed(3)
+    plan = [("three", 3), (BASE_ADAPTER, 7), ("seven", 12), ("three", 16), (BASE_ADAPTER, 1), ("seven", 5)]
+    rows = [(name, torch.randint(1, VOCAB, (n,), generator=g)) for name, n in plan]
+    async with asyncio.timeout(120), Runtime(model) as runtime:
+        for name, path in cset.paths.items():
+            runtime.register_adapter(name, path)
+        outs = await asyncio.gather(*(runtime.submit({"input_ids": ids}, name) for name, ids in rows))
+        assert runtime.statistics().mixed_batches >= 1
+    for (name, ids), out in zip(rows, outs, strict=True):
+        labels = 16 if name == BASE_ADAPTER else cset.labels[name]
+        assert out.shape == (labels,), (name, out.shape)
+        torch.testing.assert_close(out, cset.solo(name, ids), **TOL)
