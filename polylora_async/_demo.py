@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
+import math
 import os
 import random
+import socket
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from ._config import BASE_ADAPTER, WrapConfig
 from ._errors import TargetModulesError
-from ._exposition import serve_metrics
+from ._exposition import MetricsServer, serve_metrics
 from ._layer import conv1d_type, linear_features
 from ._model import MultiLoraModel
 from ._runtime import Runtime, RuntimeConfig
@@ -37,6 +42,9 @@ GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # transformers' Conv1D layers (PEFT
 # summation order differs. bf16/fp16: PEFT rounds the LoRA path to 16 bits after each matmul while
 # the runtime accumulates it in fp32, so a few bf16 ulps (2^-8 = 0.4%) of difference are expected.
 REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+METRICS_HOST = "127.0.0.1"
+
+_N = TypeVar("_N", int, float)
 
 
 @dataclass
@@ -48,18 +56,109 @@ class _Done:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options; each is checked while parsing (see also :func:`check_demo_arguments`)."""
     parser.add_argument(
-        "--model", type=Path, help="a local Hugging Face model directory (default: built from a config)"
+        "--model",
+        type=_model_dir,
+        help="a local Hugging Face model directory holding a config.json; without it, a small Llama model "
+        "is built from a config",
     )
-    parser.add_argument("--adapters", type=int, default=24, help="PEFT adapters to write and serve")
-    parser.add_argument("--clients", type=int, default=48, help="concurrent client coroutines")
-    parser.add_argument("--requests", type=int, default=600, help="requests in total")
-    parser.add_argument("--slots", type=int, default=8, help="adapters resident on the device at once")
-    parser.add_argument("--zipf", type=float, default=1.1, help="skew of the adapter mix (Zipf exponent)")
-    parser.add_argument("--base-share", type=float, default=0.1, help="share of requests without an adapter")
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (the GPU when present)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="port for /metrics on 127.0.0.1 (0: any free)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapters", type=_positive_int, default=24, help="PEFT adapters to write and serve")
+    parser.add_argument("--clients", type=_positive_int, default=48, help="concurrent client coroutines")
+    parser.add_argument("--requests", type=_positive_int, default=600, help="requests in total")
+    parser.add_argument("--slots", type=_positive_int, default=8, help="adapters resident on the device at once")
+    parser.add_argument("--zipf", type=_non_negative_float, default=1.1, help="skew of the adapter mix (Zipf exponent)")
+    parser.add_argument("--base-share", type=_share, default=0.1, help="share of requests without an adapter")
+    parser.add_argument(
+        "--device", type=_device, default="auto", help="'cpu', 'cuda', 'cuda:N' or 'auto' (the GPU when present)"
+    )
+    parser.add_argument(
+        "--metrics-port", type=_port, default=0, help="port for /metrics on 127.0.0.1 (0: any free one)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the adapters and the request mix")
+
+
+def check_demo_arguments(args: argparse.Namespace) -> None:
+    """Checks that need the system rather than the text alone: the metrics port must be free.
+
+    Raises:
+        ValueError: naming the option and why, when an argument cannot work.
+    """
+    if args.metrics_port:
+        # asyncio's servers set SO_REUSEADDR, so do the same: a port in TIME_WAIT is free for them too.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((METRICS_HOST, args.metrics_port))
+            except OSError as error:
+                raise ValueError(_port_message(args.metrics_port, error)) from None
+
+
+def _port_message(port: int, error: OSError) -> str:
+    return f"argument --metrics-port: cannot listen on {METRICS_HOST}:{port}: {error.strerror or error}"
+
+
+def _number(text: str, kind: type[_N]) -> _N:
+    try:
+        return kind(text)
+    except ValueError:
+        # argparse would name the converting function ("invalid _positive_int value") instead.
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {value}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"the demo runs on cpu or cuda, got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available here (use cpu or auto)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def _model_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {'not a directory' if path.exists() else 'no such directory'}")
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no config.json in it (not a Hugging Face model directory)")
+    return path
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -139,16 +238,31 @@ def pick_targets(base: torch.nn.Module) -> list[str]:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    registry = CollectorRegistry()
+    try:
+        # Bound first, before any work: the port was free when the arguments were checked, but
+        # another process may have taken it since.
+        server = await serve_metrics(registry, host=METRICS_HOST, port=args.metrics_port)
+    except OSError as error:
+        print(f"polylora-async demo: error: {_port_message(args.metrics_port, error)}", file=sys.stderr)
+        return 2
+    # The server stays up until the demo exits, through verification and the summary, so the
+    # final counters can still be scraped.
+    async with server:
+        return await _run(args, registry, server)
+
+
+async def _run(args: argparse.Namespace, registry: CollectorRegistry, server: MetricsServer) -> int:
+    device: torch.device = args.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
-    base = _build_model(args)
+    # Building the model, writing adapters and verifying take seconds of CPU each: in threads,
+    # so the event loop keeps answering /metrics meanwhile.
+    base = await asyncio.to_thread(_build_model, args)
     with tempfile.TemporaryDirectory(prefix="polylora-demo-") as tmp:
-        oracle, paths, targets = _write_adapters(base, args.adapters, Path(tmp) / "adapters", args.seed)
+        oracle, paths, targets = await asyncio.to_thread(
+            _write_adapters, base, args.adapters, Path(tmp) / "adapters", args.seed
+        )
         oracle.to(device=device, dtype=dtype)
         max_rank = 16
         model = MultiLoraModel(
@@ -163,21 +277,23 @@ async def _demo(args: argparse.Namespace) -> int:
         runtime = Runtime(
             model,
             RuntimeConfig(max_batch_size=32, max_wait=0.002),
+            registry,
             store_config=StoreConfig(cpu_bytes=_cpu_budget(paths), disk_dir=Path(tmp) / "cache"),
         )
         done: list[_Done] = []
-        async with runtime, await serve_metrics(runtime.metrics.registry, port=args.metrics_port) as server:
-            print(f"serving Prometheus metrics at {server.url}")
+        async with runtime:
+            print(f"serving Prometheus metrics at {server.url}", flush=True)
             for name, path in paths.items():
                 runtime.register_adapter(name, path)
             await _warm_up(runtime, next(iter(paths)), vocab, device)
             t0 = time.perf_counter()
-            progress = asyncio.ensure_future(_progress(done, args.requests, t0))
-            await _clients(runtime, args, list(paths), vocab, done)
+            async with _progress("requests", "req/s", lambda: len(done), args.requests):
+                await _clients(runtime, args, list(paths), vocab, done)
             elapsed = time.perf_counter() - t0
-            progress.cancel()
             stats = runtime.statistics()
-        mismatches = _verify(oracle, done, device, dtype)
+        checked = _Tally()
+        async with _progress("verified", "rows/s", lambda: checked.count, len(done)):
+            mismatches = await asyncio.to_thread(_verify, oracle, done, device, dtype, checked)
     _summary(args, done, elapsed, stats, mismatches, time.perf_counter() - started)
     return 1 if mismatches else 0
 
@@ -224,16 +340,41 @@ async def _clients(runtime: Runtime, args: argparse.Namespace, names: list[str],
     await asyncio.gather(*(client() for _ in range(args.clients)))
 
 
-async def _progress(done: list[_Done], total: int, t0: float) -> None:
-    while True:
-        await asyncio.sleep(0.5)
-        rate = len(done) / max(time.perf_counter() - t0, 1e-9)
-        print(f"\r  {len(done):5d}/{total} requests  {rate:7.1f} req/s", end="", file=sys.stderr, flush=True)
+@dataclass
+class _Tally:
+    """Rows verified so far: written by the verifying thread, read by the progress line."""
+
+    count: int = 0
 
 
-def _verify(oracle: Any, done: list[_Done], device: torch.device, dtype: torch.dtype) -> int:
-    """Every row against the same row run alone through PEFT with its adapter."""
-    print(file=sys.stderr)
+@contextlib.asynccontextmanager
+async def _progress(label: str, unit: str, count: Callable[[], int], total: int) -> AsyncIterator[None]:
+    """A progress line on stderr, refreshed every 0.5 s while the body runs, finished with its final count."""
+    t0 = time.perf_counter()
+
+    def show() -> None:
+        rate = count() / max(time.perf_counter() - t0, 1e-9)
+        print(f"\r  {label} {count():5d}/{total}  {rate:7.1f} {unit}", end="", file=sys.stderr, flush=True)
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            show()
+
+    task = asyncio.create_task(refresh())
+    try:
+        yield
+    finally:
+        task.cancel()
+        # gather, not suppress: the task's own CancelledError is a result here, while a
+        # cancellation of the demo itself still propagates.
+        await asyncio.gather(task, return_exceptions=True)
+        show()
+        print(file=sys.stderr, flush=True)
+
+
+def _verify(oracle: Any, done: list[_Done], device: torch.device, dtype: torch.dtype, checked: _Tally) -> int:
+    """Every row against the same row run alone through PEFT with its adapter; counts into ``checked``."""
     tol = REL_TOL[dtype]
     bad = 0
     with torch.inference_mode():
@@ -251,6 +392,7 @@ def _verify(oracle: Any, done: list[_Done], device: torch.device, dtype: torch.d
                 bad += 1
                 if bad <= 5:
                     print(f"MISMATCH {item.adapter}: relative error {float(error):.2e} > {tol:.0e}")
+            checked.count += 1
     return bad
 
 
