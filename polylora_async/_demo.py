@@ -274,17 +274,22 @@ async def _run(args: argparse.Namespace, registry: CollectorRegistry, server: Me
             f"polylora-async demo: {type(base).__name__} on {device} ({dtype}), {len(model.layer_names)} wrapped "
             f"layers, {args.adapters} PEFT adapters in {paths[next(iter(paths))].parent}, {args.slots} slots"
         )
+        async def fetch(adapter_id: str) -> Path | None:
+            # Stands in for a remote adapter store: ids are fetched on first use, not registered up
+            # front, and the store copies what it fetched into its disk cache.
+            await asyncio.sleep(0)
+            return paths.get(adapter_id)
+
         runtime = Runtime(
             model,
             RuntimeConfig(max_batch_size=32, max_wait=0.002),
             registry,
             store_config=StoreConfig(cpu_bytes=_cpu_budget(paths), disk_dir=Path(tmp) / "cache"),
+            resolver=fetch,
         )
         done: list[_Done] = []
         async with runtime:
             print(f"serving Prometheus metrics at {server.url}", flush=True)
-            for name, path in paths.items():
-                runtime.register_adapter(name, path)
             await _warm_up(runtime, next(iter(paths)), vocab, device)
             t0 = time.perf_counter()
             async with _progress("requests", "req/s", lambda: len(done), args.requests):
