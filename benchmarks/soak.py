@@ -51,7 +51,6 @@ from polylora_async import (
     AdapterLoadError,
     AdapterNotFoundError,
     BatchFailedError,
-    ConfigError,
     InputValidationError,
     MultiLoraModel,
     OverloadedError,
@@ -355,15 +354,18 @@ class Soak:
             ({"input_ids": ids}, BASE_ADAPTER, {"timeout": -1.0}),  # bad timeout
         ]
         inputs, adapter, kwargs = cases[which]
+        nowait = not kwargs and self.rng.random() < 0.5
+        allowed: tuple[type[BaseException], ...] = (InputValidationError, AdapterNotFoundError)
         try:
-            if kwargs or self.rng.random() < 0.5:
-                await rt.submit(inputs, adapter, **kwargs)
-            else:
+            if nowait:
                 await rt.submit_nowait(inputs, adapter)
+            else:
+                await rt.submit(inputs, adapter, **kwargs)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            self.classify("malformed", exc, (InputValidationError, AdapterNotFoundError, ConfigError))
+            # A full queue refuses submit_nowait before it looks at the request.
+            self.classify("malformed", exc, (*allowed, OverloadedError) if nowait else allowed)
             return
         self.report.unexpected += 1
         self.report.note(f"malformed case {which} was accepted")
