@@ -171,6 +171,7 @@ class _Request:
     future: asyncio.Future[Any]
     submitted: float
     key: object = None  # the adapter version's key (None: base model)
+    group: object = None  # requests batch together only with the same group (see _input_group)
     passed_over: int = 0
     dispatched: float | None = None  # when it was placed in a batch
 
@@ -255,7 +256,11 @@ class Runtime:
         if self._add_mask is None:
             params = inspect.signature(model.model.forward).parameters
             self._add_mask = "attention_mask" in params
-        self._schema: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
+        # The input names the model's forward takes (None: it takes **kwargs, so any name).
+        self._accepted = _accepted_inputs(model.model)
+        # Input layouts already checked, by name tuple: a cache for the fast path of _validate, not
+        # a rule. A request laid out otherwise takes the thorough path and is accepted if valid.
+        self._layouts: dict[tuple[str, ...], tuple[tuple[tuple[torch.dtype, tuple[int, ...]], ...], object]] = {}
         # Token ids must index the model's embedding table: one id out of range would fail its
         # whole batch (and on CUDA an out-of-range gather is a device assert that ends the process's
         # CUDA context), so submit() refuses it up front.
@@ -456,7 +461,7 @@ class Runtime:
         _check_adapter_id(adapter, "adapter")
         _check_input_names(inputs)
         self._check_dtypes_fit(inputs)
-        tensors, length = self._validate(inputs)
+        tensors, length, group = self._validate(inputs)
         self._check_length_fits(length)
         if adapter == BASE_ADAPTER:
             ref = None
@@ -479,7 +484,7 @@ class Runtime:
                 if ref is not None:
                     self.store.release_ref(ref)
                 raise
-        request = self._push(tensors, length, ref)
+        request = self._push(tensors, length, ref, group)
         # From here on this coroutine owns the request's bookkeeping, however it ends (result,
         # error, timeout, or the caller's cancellation, which cancels the future with it and so
         # withdraws a queued request): cheaper than a done-callback on every future.
@@ -510,11 +515,11 @@ class Runtime:
             raise OverloadedError(f"the queue is full ({self.config.max_queue} requests); retry later")
         _check_input_names(inputs)
         self._check_dtypes_fit(inputs)
-        tensors, length = self._validate(inputs)
+        tensors, length, group = self._validate(inputs)
         self._check_length_fits(length)
         with _closed_as_runtime_closed():
             ref = None if adapter == BASE_ADAPTER else self.store.resolve_nowait(adapter)
-        request = self._push(tensors, length, ref)
+        request = self._push(tensors, length, ref, group)
         # Nobody of ours awaits this future: its bookkeeping runs when it resolves.
         request.future.add_done_callback(functools.partial(self._on_done, request))
         return request.future
@@ -669,7 +674,9 @@ class Runtime:
         finally:
             self._room_waiters -= 1
 
-    def _push(self, tensors: dict[str, torch.Tensor], length: int, ref: AdapterRef | None) -> _Request:
+    def _push(
+        self, tensors: dict[str, torch.Tensor], length: int, ref: AdapterRef | None, group: object = None
+    ) -> _Request:
         assert self._loop is not None
         request = _Request(
             seq=next(self._seq),
@@ -679,6 +686,7 @@ class Runtime:
             future=self._loop.create_future(),
             submitted=time.perf_counter(),
             key=None if ref is None else ref.key,
+            group=group,
         )
         self._pending[request.seq] = request
         if ref is not None:
@@ -724,28 +732,32 @@ class Runtime:
         async with self._room:
             self._room.notify_all()
 
-    def _validate(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-        # Once per request on the event loop: the common case (same names, dtypes and per-token
-        # shapes as the first request) is a few comparisons per input; the first request and any
-        # mismatch take the thorough path, which names the problem.
-        schema = self._schema
-        if schema is not None and type(inputs) is dict and len(inputs) == len(schema):
-            length = -1
-            for name, value in inputs.items():
-                spec = schema.get(name)
-                if spec is None or type(value) is not torch.Tensor:
-                    break
-                shape = value.shape
-                if not shape or value.dtype != spec[0] or shape[1:] != spec[1]:
-                    break
-                if length < 0:
-                    length = shape[0]
-                elif shape[0] != length:
-                    break
-            else:
-                if 0 < length <= self.config.max_batch_tokens:
-                    self._check_token_ids(inputs)
-                    return dict(inputs), length
+    def _validate(
+        self, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], int, object]:
+        # Once per request on the event loop: the common case (a layout already seen: same names,
+        # dtypes and per-token shapes, ids already int64 and [L]) is a dict lookup and a few
+        # comparisons per input; anything else takes the thorough path, which normalises
+        # ([1, L] -> [L], int32 -> int64) or names the problem.
+        if type(inputs) is dict:
+            cached = self._layouts.get(tuple(inputs))
+            if cached is not None:
+                specs, group = cached
+                length = -1
+                for value, spec in zip(inputs.values(), specs, strict=True):
+                    if type(value) is not torch.Tensor:
+                        break
+                    shape = value.shape
+                    if not shape or value.dtype != spec[0] or shape[1:] != spec[1]:
+                        break
+                    if length < 0:
+                        length = shape[0]
+                    elif shape[0] != length:
+                        break
+                else:
+                    if 0 < length <= self.config.max_batch_tokens:
+                        self._check_token_ids(inputs)
+                        return dict(inputs), length, group
         return self._validate_thoroughly(inputs)
 
     def _check_token_ids(self, inputs: Mapping[str, torch.Tensor]) -> None:
@@ -759,7 +771,17 @@ class Runtime:
                 f"input 'input_ids' holds token id {bad}, outside the model's vocabulary [0, {self._vocab_size})"
             )
 
-    def _validate_thoroughly(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    def _validate_thoroughly(
+        self, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], int, object]:
+        """Check and normalise one request's inputs against the model (not against other requests).
+
+        Rules: every name must be a parameter of the model's forward (any name if it takes
+        ``**kwargs``). Token-level integer inputs (ids, masks, token types, positions) are ``[L]``
+        or ``[1, L]`` (what a tokenizer returns with ``return_tensors="pt"``) of any integer dtype
+        (masks may be bool too) and become int64 ``[L]``; ``inputs_embeds`` is ``[L, H]`` or
+        ``[1, L, H]``; other inputs are taken as given, ``[L, ...]``. All share the length ``L``.
+        """
         if not isinstance(inputs, Mapping) or not inputs:
             raise InputValidationError("`inputs` must be a non-empty mapping of name -> tensor")
         tensors: dict[str, torch.Tensor] = {}
@@ -767,16 +789,22 @@ class Runtime:
         for name, value in inputs.items():
             if not isinstance(value, torch.Tensor):
                 raise InputValidationError(f"input {name!r} must be a tensor, got {type(value).__name__}")
+            if self._accepted is not None and name not in self._accepted:
+                raise InputValidationError(
+                    f"input {name!r} is not an argument of the model's forward, which takes {sorted(self._accepted)}"
+                )
             if value.dim() == 0:
                 raise InputValidationError(f"input {name!r} must have a length dimension, got a scalar")
+            if name in _TOKEN_INPUTS:
+                value = self._token_input(name, value)
+            elif name == "inputs_embeds" and value.dim() == 3 and value.shape[0] == 1:
+                value = value[0]
             if length is None:
                 length = value.shape[0]
             elif value.shape[0] != length:
                 raise InputValidationError(
                     f"input {name!r} has length {value.shape[0]}, but other inputs have length {length}"
                 )
-            if name == "input_ids" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-                raise InputValidationError(f"input 'input_ids' must be an integer tensor, got {value.dtype}")
             tensors[name] = value
         assert length is not None
         if length == 0:
@@ -785,18 +813,26 @@ class Runtime:
             raise InputValidationError(
                 f"inputs have length {length}, above `max_batch_tokens`={self.config.max_batch_tokens}"
             )
-        schema = {n: (t.dtype, tuple(t.shape[1:])) for n, t in tensors.items()}
-        if self._schema is None:
-            self._schema = schema
-        elif schema != self._schema:
-            for name in sorted(self._schema.keys() | schema.keys()):
-                want, got = self._schema.get(name), schema.get(name)
-                if want != got:
-                    raise InputValidationError(
-                        f"input {name!r} is {_describe(got)}, but this runtime's requests have {_describe(want)}"
-                    )
         self._check_token_ids(tensors)
-        return tensors, length
+        specs = tuple((t.dtype, tuple(t.shape[1:])) for t in tensors.values())
+        group = _input_group(tensors)
+        if len(self._layouts) < _MAX_LAYOUTS:
+            self._layouts[tuple(tensors)] = (specs, group)
+        return tensors, length, group
+
+    @staticmethod
+    def _token_input(name: str, value: torch.Tensor) -> torch.Tensor:
+        """An integer per-token input as int64 ``[L]``, from ``[L]`` or ``[1, L]``."""
+        if value.dim() == 2 and value.shape[0] == 1:
+            value = value[0]
+        if value.dim() != 1:
+            raise InputValidationError(
+                f"input {name!r} must have shape [L] or [1, L], got {list(value.shape)} "
+                f"(per-token shape {list(value.shape[1:])})"
+            )
+        if value.is_floating_point() or value.is_complex() or (value.dtype == torch.bool and name.endswith("_ids")):
+            raise InputValidationError(f"input {name!r} must be an integer tensor, got {value.dtype}")
+        return value if value.dtype == torch.int64 else value.long()
 
     def _unqueue(self, request: _Request) -> None:
         """Take a request out of the queue (no-op if it already left), keeping demand counts."""
@@ -964,6 +1000,8 @@ class Runtime:
                 break
             if request.future.done():
                 continue
+            if chosen and request.group != chosen[0].group:
+                continue  # other input names or layouts: a batch of their own
             if not self._ready(request) or (
                 request.key is not None and request.key not in keys and len(keys) >= slots_free
             ):
@@ -1231,7 +1269,14 @@ class Runtime:
         pin = device.type == "cuda"
         real = _token_mask(requests, width)
         out: dict[str, torch.Tensor] = {}
-        for name, sample in requests[0].inputs.items():
+        # Requests of one batch have the same inputs (see _input_group), except that some may
+        # lack an attention mask: those rows get ones over their real tokens below.
+        masked = [r for r in requests if "attention_mask" in r.inputs]
+        if masked and len(masked) < rows:
+            for request in requests:
+                if "attention_mask" not in request.inputs:
+                    request.inputs["attention_mask"] = torch.ones(request.length, dtype=torch.long)
+        for name, sample in (masked[0] if masked else requests[0]).inputs.items():
             padded = torch.full(
                 (rows, width, *sample.shape[1:]),
                 self._pad_values.get(name, 0),
@@ -1411,8 +1456,33 @@ def _crash_error(exc: BaseException) -> WorkerCrashedError:
     return error
 
 
-def _describe(spec: tuple[torch.dtype, tuple[int, ...]] | None) -> str:
-    if spec is None:
-        return "absent"
-    dtype, trailing = spec
-    return f"{dtype} with per-token shape {list(trailing)}"
+# Token-level integer inputs: [L] per request (a tokenizer's [1, L] squeezed), normalised to int64.
+_TOKEN_INPUTS = frozenset(
+    {"input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids", "decoder_attention_mask"}
+)
+_MAX_LAYOUTS = 64  # distinct input layouts remembered for the fast path; more still work, slower
+
+
+def _accepted_inputs(model: torch.nn.Module) -> frozenset[str] | None:
+    """Names the model's forward takes as keywords, or None when it takes ``**kwargs`` (or is opaque)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in params if p.kind in kinds)
+
+
+def _input_group(tensors: Mapping[str, torch.Tensor]) -> object:
+    """Requests with equal groups batch together: the same input names, dtypes and per-token shapes.
+
+    ``attention_mask`` is left out: a request without one gets an all-ones mask in a batch with
+    requests that have one (see _collate), which is what the model does for it alone. Any other
+    input present on some requests and absent on others keeps them in separate batches: padding
+    cannot stand in for an input the model would otherwise default.
+    """
+    return tuple(
+        sorted((n, str(t.dtype), tuple(t.shape[1:])) for n, t in tensors.items() if n != "attention_mask")
+    )
