@@ -282,7 +282,7 @@ class Runtime:
         self._inflight: set[asyncio.Task[None]] = set()
         self._watchers: dict[object, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # every other task the runtime starts
-        self._layouts: dict[object, _OutputLayout] = {}  # worker thread only
+        self._output_layouts: dict[object, _OutputLayout] = {}  # worker thread only
         self._probe_failed = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._completer: concurrent.futures.ThreadPoolExecutor | None = None
@@ -1193,7 +1193,7 @@ class Runtime:
         """
         names = tuple(batch.requests[0].inputs)
         key = (names, tuple(sorted(batch.head_widths)))
-        layout = self._layouts.get(key)
+        layout = self._output_layouts.get(key)
         if layout is not None:
             return layout
         try:
@@ -1203,7 +1203,7 @@ class Runtime:
                 self._probe_failed = True
                 _log.warning("output layout probe failed (%r); axis 1 is cut if it has the padded width", exc)
             return _OutputLayout((1,) if selected.dim() >= 2 and selected.shape[1] == batch.width else ())
-        self._layouts[key] = layout
+        self._output_layouts[key] = layout
         return layout
 
     def _probe_layout(self, batch: _Batch) -> _OutputLayout:
