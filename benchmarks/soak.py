@@ -293,26 +293,38 @@ class Soak:
         finally:
             self.done += 1
 
-    async def _normal(self, rt: Runtime, kind: str = "normal", name: str | None = None) -> None:
-        name = name or self.pick()
-        ids = self.ids()
+    async def submit_checked(
+        self,
+        rt: Runtime,
+        kind: str,
+        name: str,
+        ids: torch.Tensor,
+        version: Version | None,
+        allowed: tuple[type[BaseException], ...] = (),
+        *,
+        must_fail: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Submit one row and classify what comes back: a result (checked) or an error."""
         try:
-            out = await rt.submit({"input_ids": ids}, name)
+            out = await rt.submit({"input_ids": ids}, name, **kwargs)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            self.classify(kind, exc, ())
+            self.classify(kind, exc, allowed)
             return
-        self.check(kind, out, self.versions[name], ids)
+        if must_fail:
+            self.report.unexpected += 1
+            self.report.note(f"a {kind} request got a result")
+        else:
+            self.check(kind, out, version, ids)
+
+    async def _normal(self, rt: Runtime) -> None:
+        name = self.pick()
+        await self.submit_checked(rt, "normal", name, self.ids(), self.versions[name])
 
     async def _base(self, rt: Runtime) -> None:
-        ids = self.ids()
-        try:
-            out = await rt.submit({"input_ids": ids}, BASE_ADAPTER)
-        except PolyLoraError as exc:
-            self.classify("base", exc, ())
-            return
-        self.check("base", out, None, ids)
+        await self.submit_checked(rt, "base", BASE_ADAPTER, self.ids(), None)
 
     async def _cancel(self, rt: Runtime) -> None:
         name, ids = self.pick(), self.ids()
@@ -331,15 +343,11 @@ class Soak:
         self.check("cancel", out, self.versions[name], ids)  # it finished before the cancel landed
 
     async def _timeout(self, rt: Runtime) -> None:
-        name, ids = self.pick(), self.ids()
-        try:
-            out = await rt.submit({"input_ids": ids}, name, timeout=self.rng.choice([1e-4, 5e-4, 2e-3]))
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            self.classify("timeout", exc, (RequestTimeoutError,))
-            return
-        self.check("timeout", out, self.versions[name], ids)
+        name = self.pick()
+        timeout = self.rng.choice([1e-4, 5e-4, 2e-3])
+        await self.submit_checked(
+            rt, "timeout", name, self.ids(), self.versions[name], (RequestTimeoutError,), timeout=timeout
+        )
 
     async def _malformed(self, rt: Runtime) -> None:
         which = self.rng.randrange(7)
@@ -361,9 +369,9 @@ class Soak:
                 await rt.submit_nowait(inputs, adapter)
             else:
                 await rt.submit(inputs, adapter, **kwargs)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             # A full queue refuses submit_nowait before it looks at the request.
             self.classify("malformed", exc, (*allowed, OverloadedError) if nowait else allowed)
             return
@@ -378,52 +386,21 @@ class Soak:
             version = write_adapter(self.remote, f"{name}-v{self.swap_count[name]}", seed=seed)
             rt.register_adapter(name, version.path)
             self.versions[name] = version
-        version = self.versions[name]  # what is registered now: the version this request must get
-        ids = self.ids()
-        try:
-            out = await rt.submit({"input_ids": ids}, name)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            self.classify("swap", exc, ())
-            return
-        self.check("swap", out, version, ids)
+        # What is registered now is the version this request must get.
+        await self.submit_checked(rt, "swap", name, self.ids(), self.versions[name])
 
     async def _corrupt(self, rt: Runtime) -> None:
-        try:
-            await rt.submit({"input_ids": self.ids()}, "corrupt")
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            self.classify("corrupt", exc, (AdapterLoadError,))
-            return
-        self.report.unexpected += 1
-        self.report.note("a request on the corrupted adapter got a result")
+        await self.submit_checked(rt, "corrupt", "corrupt", self.ids(), None, (AdapterLoadError,), must_fail=True)
 
     async def _poison(self, rt: Runtime) -> None:
         ids = self.ids()
         ids[self.rng.randrange(len(ids))] = POISON
-        try:
-            await rt.submit({"input_ids": ids}, self.rng.choice([self.pick(), BASE_ADAPTER]))
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            self.classify("poison", exc, (BatchFailedError,))
-            return
-        self.report.unexpected += 1
-        self.report.note("a poisoned request got a result")
+        name = self.rng.choice([self.pick(), BASE_ADAPTER])
+        await self.submit_checked(rt, "poison", name, ids, None, (BatchFailedError,), must_fail=True)
 
     async def _flaky(self, rt: Runtime) -> None:
         name = f"flaky{self.rng.randrange(20)}"
-        ids = self.ids()
-        try:
-            out = await rt.submit({"input_ids": ids}, name)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            self.classify("flaky", exc, (AdapterLoadError,))
-            return
-        self.check("flaky", out, self.versions["ad0000"], ids)
+        await self.submit_checked(rt, "flaky", name, self.ids(), self.versions["ad0000"], (AdapterLoadError,))
 
     async def burst(self, rt: Runtime, count: int) -> None:
         """An overload burst: ``submit_nowait`` far past the queue's bound, every answer checked."""
