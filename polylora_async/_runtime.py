@@ -260,7 +260,8 @@ class Runtime:
         self._accepted = _accepted_inputs(model.model)
         # Input layouts already checked, by name tuple: a cache for the fast path of _validate, not
         # a rule. A request laid out otherwise takes the thorough path and is accepted if valid.
-        self._layouts: dict[tuple[str, ...], tuple[tuple[tuple[torch.dtype, tuple[int, ...]], ...], object]] = {}
+        # Per input: dtype, per-token shape, and whether it is a token input (see _TOKEN_INPUTS).
+        self._layouts: dict[tuple[str, ...], tuple[tuple[tuple[torch.dtype, tuple[int, ...], bool], ...], object]] = {}
         # Token ids must index the model's embedding table: one id out of range would fail its
         # whole batch (and on CUDA an out-of-range gather is a device assert that ends the process's
         # CUDA context), so submit() refuses it up front.
@@ -434,16 +435,19 @@ class Runtime:
         """Run one row through the model with ``adapter`` and return its output.
 
         Args:
-            inputs: per-request tensors of the request's own length along dim 0 (e.g.
-                ``{"input_ids": LongTensor[L]}``); the runtime pads and batches.
+            inputs: per-request tensors of the request's own length ``L`` (e.g.
+                ``{"input_ids": LongTensor[L]}``, or a tokenizer's ``[1, L]`` of any integer
+                dtype); names are the model's ``forward`` arguments. The runtime normalises,
+                pads and batches (the rules: README, "Inputs as tokenizers produce them").
             adapter: an adapter id, or :data:`BASE_ADAPTER`.
             timeout: seconds until :class:`RequestTimeoutError`, counted from the call (waiting for
                 room in a full queue included); the request is withdrawn.
 
         Raises:
             AdapterNotFoundError: unknown adapter id (raised before queueing).
-            InputValidationError: empty inputs, mismatched lengths, wrong dtype or shape, token ids
-                outside the model's vocabulary, a row longer than the model's positions; an
+            InputValidationError: empty inputs, mismatched lengths, a name the model's ``forward``
+                does not take, wrong dtype or shape, token ids outside the model's vocabulary, a
+                row longer than the model's positions; an
                 ``adapter`` that is not a non-empty string; a ``timeout`` that is not a positive
                 finite number or None.
             RuntimeClosedError: the runtime is closing or closed.
@@ -645,7 +649,7 @@ class Runtime:
             )
 
     def _check_dtypes_fit(self, inputs: Mapping[str, Any]) -> None:
-        """Refuse float vectors of another dtype than the weights (checked before the schema is learnt)."""
+        """Refuse float vectors of another dtype than the weights (checked before inputs are normalised)."""
         if self._float_dtype is None or not isinstance(inputs, Mapping):
             return
         for name, value in inputs.items():
@@ -736,28 +740,37 @@ class Runtime:
         self, inputs: Mapping[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], int, object]:
         # Once per request on the event loop: the common case (a layout already seen: same names,
-        # dtypes and per-token shapes, ids already int64 and [L]) is a dict lookup and a few
-        # comparisons per input; anything else takes the thorough path, which normalises
-        # ([1, L] -> [L], int32 -> int64) or names the problem.
+        # dtypes and per-token shapes, token inputs int64 [L], or a tokenizer's [1, L] / int32 of
+        # them) is a dict lookup and a few comparisons per input; anything else takes the thorough
+        # path, which normalises or names the problem.
         if type(inputs) is dict:
             cached = self._layouts.get(tuple(inputs))
             if cached is not None:
                 specs, group = cached
+                tensors: dict[str, torch.Tensor] = {}
                 length = -1
-                for value, spec in zip(inputs.values(), specs, strict=True):
+                for (name, value), (dtype, trailing, token) in zip(inputs.items(), specs, strict=True):
                     if type(value) is not torch.Tensor:
                         break
                     shape = value.shape
-                    if not shape or value.dtype != spec[0] or shape[1:] != spec[1]:
+                    if token and len(shape) == 2 and shape[0] == 1:
+                        value = value[0]
+                        shape = value.shape
+                    if not shape or shape[1:] != trailing:
                         break
+                    if value.dtype != dtype:
+                        if not (token and value.dtype == torch.int32):
+                            break
+                        value = value.long()
                     if length < 0:
                         length = shape[0]
                     elif shape[0] != length:
                         break
+                    tensors[name] = value
                 else:
                     if 0 < length <= self.config.max_batch_tokens:
-                        self._check_token_ids(inputs)
-                        return dict(inputs), length, group
+                        self._check_token_ids(tensors)
+                        return tensors, length, group
         return self._validate_thoroughly(inputs)
 
     def _check_token_ids(self, inputs: Mapping[str, torch.Tensor]) -> None:
@@ -814,7 +827,7 @@ class Runtime:
                 f"inputs have length {length}, above `max_batch_tokens`={self.config.max_batch_tokens}"
             )
         self._check_token_ids(tensors)
-        specs = tuple((t.dtype, tuple(t.shape[1:])) for t in tensors.values())
+        specs = tuple((t.dtype, tuple(t.shape[1:]), n in _TOKEN_INPUTS) for n, t in tensors.items())
         group = _input_group(tensors)
         if len(self._layouts) < _MAX_LAYOUTS:
             self._layouts[tuple(tensors)] = (specs, group)

@@ -213,3 +213,25 @@ async def test_a_forward_with_kwargs_accepts_any_input_name() -> None:
         out = await runtime.submit({"input_ids": ids, "extra": extra})
     with torch.no_grad():
         torch.testing.assert_close(out, plain(ids[None], extra=extra[None])[0], **TOL)
+
+
+class _Recording(TinyModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.dtype, torch.dtype | None, int]] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen.append((input_ids.dtype, None if attention_mask is None else attention_mask.dtype, input_ids.dim()))
+        return super().forward(input_ids, attention_mask)
+
+
+async def test_the_model_gets_int64_rows_whatever_the_caller_sent() -> None:
+    recording = _Recording()
+    model = MultiLoraModel(recording, WrapConfig(TARGETS, max_rank=4))
+    ids = _ids(4, seed=7)
+    variants = [ids, ids[None], ids.int(), ids[None].int()]
+    async with asyncio.timeout(30), Runtime(model) as runtime:
+        for variant in [*variants, *variants]:  # the second round takes the path for known layouts
+            out = await runtime.submit({"input_ids": variant, "attention_mask": torch.ones_like(variant)})
+            torch.testing.assert_close(out.double(), reference(recording, None, ids), **TOL)
+    assert recording.seen == [(torch.int64, torch.int64, 2)] * 2 * len(variants)  # [rows, width]
