@@ -22,6 +22,7 @@ import itertools
 import logging
 import math
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -1477,15 +1478,29 @@ _MAX_LAYOUTS = 64  # distinct input layouts remembered for the fast path; more s
 
 
 def _accepted_inputs(model: torch.nn.Module) -> frozenset[str] | None:
-    """Names the model's forward takes as keywords, or None when it takes ``**kwargs`` (or is opaque)."""
+    """Names the model's forward takes as keywords, or None when it takes any (or is opaque).
+
+    ``**kwargs`` accepts any name, unless it is typed ``Unpack[SomeTypedDict]`` (as Hugging Face
+    models type theirs): then it takes that dict's keys.
+    """
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return frozenset(p.name for p in params if p.kind in kinds)
+    names = {p.name for p in params if p.kind in kinds}
+    for param in params:
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            annotation = param.annotation
+            if typing.get_origin(annotation) is not typing.Unpack:
+                return None
+            (typed,) = typing.get_args(annotation)
+            required = getattr(typed, "__required_keys__", None)
+            optional = getattr(typed, "__optional_keys__", None)
+            if not isinstance(required, frozenset) or not isinstance(optional, frozenset):
+                return None  # not a TypedDict: take any name
+            names |= required | optional
+    return frozenset(names)
 
 
 def _input_group(tensors: Mapping[str, torch.Tensor]) -> object:

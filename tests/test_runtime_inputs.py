@@ -235,3 +235,14 @@ async def test_the_model_gets_int64_rows_whatever_the_caller_sent() -> None:
             out = await runtime.submit({"input_ids": variant, "attention_mask": torch.ones_like(variant)})
             torch.testing.assert_close(out.double(), reference(recording, None, ids), **TOL)
     assert recording.seen == [(torch.int64, torch.int64, 2)] * 2 * len(variants)  # [rows, width]
+
+
+async def test_a_name_bert_does_not_take_is_refused(bert_set: AdapterSet) -> None:
+    # BertModel.forward takes **kwargs typed with a TypedDict: its keys are accepted, nothing else.
+    model = MultiLoraModel(copy.deepcopy(bert_set.base), WrapConfig(["query", "value"], max_rank=8))
+    ids = _ids(5, seed=2)
+    async with asyncio.timeout(60), Runtime(model) as runtime:
+        with pytest.raises(InputValidationError, match="'pixel_values' is not an argument"):
+            await runtime.submit({"input_ids": ids, "pixel_values": torch.zeros(5)})
+        out = await runtime.submit({"input_ids": ids, "position_ids": torch.arange(5, dtype=torch.int32)[None]})
+    torch.testing.assert_close(out, bert_set.solo(BASE_ADAPTER, input_ids=ids[None])[0], **TOL)
