@@ -234,7 +234,9 @@ async def test_the_model_gets_int64_rows_whatever_the_caller_sent() -> None:
         for variant in [*variants, *variants]:  # the second round takes the path for known layouts
             out = await runtime.submit({"input_ids": variant, "attention_mask": torch.ones_like(variant)})
             torch.testing.assert_close(out.double(), reference(recording, None, ids), **TOL)
-    assert recording.seen == [(torch.int64, torch.int64, 2)] * 2 * len(variants)  # [rows, width]
+    # Every forward (the runtime may add a few of its own to learn the output's layout) saw [rows, width] int64.
+    assert len(recording.seen) >= 2 * len(variants)
+    assert set(recording.seen) == {(torch.int64, torch.int64, 2)}
 
 
 async def test_a_name_bert_does_not_take_is_refused(bert_set: AdapterSet) -> None:
