@@ -61,13 +61,16 @@ def head_spec(module: nn.Module) -> HeadSpec:
 
 
 def find_heads(model: nn.Module, names: Sequence[str] | None, skip: Sequence[str]) -> list[tuple[str, nn.Module]]:
-    """The modules to wrap as heads: those whose name is or ends with ``"." + n`` for ``n`` in
-    ``names`` (``None``: :data:`DEFAULT_HEAD_NAMES`), outermost matches only, none in ``skip``.
+    """The modules to wrap as heads: those whose name ends with ``n`` for ``n`` in ``names``
+    (``None``: :data:`DEFAULT_HEAD_NAMES`), outermost matches only, none in ``skip``.
+
+    A plain suffix, as PEFT matches ``modules_to_save``: DistilBERT's SEQ_CLS adapters save both
+    ``pre_classifier`` and ``classifier`` for the name ``classifier``.
     """
     patterns = DEFAULT_HEAD_NAMES if names is None else tuple(names)
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not name or not any(name == p or name.endswith("." + p) for p in patterns):
+        if not name or not any(name.endswith(p) for p in patterns):
             continue
         if any(name.startswith(outer + ".") for outer, _ in found) or name in skip:
             continue

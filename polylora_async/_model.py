@@ -154,14 +154,17 @@ class MultiLoraModel(nn.Module):
             slots: the batch's slot per row (as given to :meth:`forward_slots`).
 
         Returns:
-            Head module name -> output width per row, only for heads whose width differs between
-            the rows; an empty dict when every row shares each head's width.
+            Head module name -> output width per row, only for heads whose output is padded for
+            some row (its width is below the head's output width in this batch, which is the
+            widest of the model's own head and the rows' copies); an empty dict otherwise.
         """
         widths: dict[str, list[int]] = {}
         for name, head in self._heads.items():
-            per_row = [head.width_of(s) for s in slots]
-            if len(set(per_row)) > 1:
-                widths[name] = [int(w or 0) for w in per_row]
+            per_row = [int(head.width_of(s) or 0) for s in slots]
+            # The head's output is as wide as the widest of its own module and the rows' copies (its
+            # own module runs on every row), so even a batch of one narrower head is padded.
+            if any(w != max(head.spec.width, *per_row) for w in per_row):
+                widths[name] = per_row
         return widths
 
     @contextlib.contextmanager

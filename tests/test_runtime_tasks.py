@@ -154,3 +154,48 @@ async def test_each_row_gets_its_own_heads_labels(tmp_path: Path) -> None:
         labels = 16 if name == BASE_ADAPTER else cset.labels[name]
         assert out.shape == (labels,), (name, out.shape)
         torch.testing.assert_close(out, cset.solo(name, ids), **TOL)
+
+
+async def test_distilbert_classifier_adapters_with_pre_classifier(tmp_path: Path) -> None:
+    # PEFT's modules_to_save rule is a plain name suffix: DistilBERT's SEQ_CLS adapters save
+    # `pre_classifier` as well as `classifier`. One adapter's head is narrower than the model's, and
+    # a request may run alone: its row must still come back with its own label count.
+    from peft import LoraConfig, get_peft_model
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    def build(labels: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_position_embeddings=40,
+            num_labels=labels, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
+        )  # fmt: skip
+        return DistilBertForSequenceClassification(config).eval()
+
+    base, solo = build(4), {}
+    for i, (name, labels) in enumerate((("four", 4), ("two", 2))):
+        peft_model = get_peft_model(
+            build(labels),
+            LoraConfig(
+                task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"], init_lora_weights=False
+            ),
+        )
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "modules_to_save" in n:
+                    p.normal_(0.0, 0.3)
+        peft_model.save_pretrained(str(tmp_path / name))
+        solo[name] = peft_model.eval()
+    model = MultiLoraModel(copy.deepcopy(base), WrapConfig(["q_lin", "v_lin"], max_rank=8))
+    assert sorted(model.head_names) == ["classifier", "pre_classifier"]
+    g = torch.Generator().manual_seed(4)
+    rows = [(n, torch.randint(1, VOCAB, (k,), generator=g)) for n, k in (("four", 5), ("two", 9), (BASE_ADAPTER, 3))]
+    async with asyncio.timeout(120), Runtime(model) as runtime:
+        for name in solo:
+            runtime.register_adapter(name, tmp_path / name)
+        outs = await asyncio.gather(*(runtime.submit({"input_ids": ids}, name) for name, ids in rows))
+        alone = await runtime.submit({"input_ids": rows[1][1]}, "two")
+    with torch.no_grad():
+        for (name, ids), out in [*zip(rows, outs, strict=True), (rows[1], alone)]:
+            reference_model = base if name == BASE_ADAPTER else solo[name]
+            torch.testing.assert_close(out, reference_model(input_ids=ids[None]).logits[0], **TOL)
