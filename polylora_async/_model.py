@@ -163,7 +163,7 @@ class MultiLoraModel(nn.Module):
             per_row = [int(head.width_of(s) or 0) for s in slots]
             # The head's output is as wide as the widest of its own module and the rows' copies (its
             # own module runs on every row), so even a batch of one narrower head is padded.
-            if any(w != max(head.spec.width, *per_row) for w in per_row):
+            if any(w != max(head.spec.width or 0, *per_row) for w in per_row):
                 widths[name] = per_row
         return widths
 
