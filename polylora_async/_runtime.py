@@ -1025,7 +1025,7 @@ class Runtime:
                 anchor = anchor or request.length
                 if not anchor / 2 < request.length <= anchor * 2:
                     continue
-            padded = min(-(-request.length // cfg.pad_to_multiple) * cfg.pad_to_multiple, cfg.max_batch_tokens)
+            padded = self._padded(request.length)
             new_width = max(width, padded)
             if new_width * (len(chosen) + 1) > cfg.max_batch_tokens:
                 continue
