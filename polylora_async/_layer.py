@@ -103,6 +103,20 @@ class MultiLoraLinear(nn.Module):
         self._ranks_dev = torch.zeros(num_slots, dtype=torch.int32, device=weight.device)
         self._scales_dev = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code reads it through the wrapper (e.g. T5 casts inputs to its dtype)."""
+        weight = self.base.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (``None`` if it has none)."""
+        bias = self.base.bias
+        assert bias is None or isinstance(bias, torch.Tensor)
+        return bias
+
     # -- slot management (called by the model wrapper between batches) -------------------------
 
     @torch.no_grad()
