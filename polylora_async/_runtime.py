@@ -167,7 +167,7 @@ class StreamResult:
 class _Request:
     seq: int
     inputs: dict[str, torch.Tensor]
-    length: int
+    length: int  # of the (encoder) inputs
     ref: AdapterRef | None  # None: base model
     future: asyncio.Future[Any]
     submitted: float
@@ -175,6 +175,7 @@ class _Request:
     group: object = None  # requests batch together only with the same group (see _input_group)
     passed_over: int = 0
     dispatched: float | None = None  # when it was placed in a batch
+    decoder_length: int = 0  # of an encoder-decoder model's decoder inputs (0: none given)
 
 
 @dataclass
@@ -183,6 +184,7 @@ class _Batch:
     slots: list[int]
     width: int
     lease: BatchLease
+    decoder_width: int = 0  # the decoder inputs' padded length
     # Set by the worker: where each row's slice of the output ends (see _OutputLayout).
     layout: _OutputLayout | None = None
     head_widths: dict[str, list[int]] = field(default_factory=dict)
@@ -192,13 +194,15 @@ class _Batch:
 class _OutputLayout:
     """Which axes of the selected output a row's slice is cut along, learnt from the model.
 
-    ``sequence_axes`` follow the padded length (cut to the row's length); ``head_axes`` map a
+    ``sequence_axes`` follow the padded length (cut to the row's length), ``decoder_axes`` the
+    decoder inputs' padded length (an encoder-decoder's per-token outputs); ``head_axes`` map a
     wrapped head whose width varies per adapter to the axis that follows its width (cut to the
     row's head width). Axes are of the whole batch output (axis 0 = rows).
     """
 
     sequence_axes: tuple[int, ...]
     head_axes: dict[str, int] = field(default_factory=dict)
+    decoder_axes: tuple[int, ...] = ()  # follow the decoder inputs' padded length
 
 
 class Runtime:
@@ -252,6 +256,7 @@ class Runtime:
         # Token ids are padded with the model's own pad id: a decoder classifier finds each row's
         # last real token by looking for it, so padding with another id would move that token.
         self._pad_values = {**_default_pad_values(model.model), **self.config.pad_values}
+        _check_pad_id(model.model)
         self._select = select_output or default_select_output
         self._add_mask = self.config.attention_mask
         if self._add_mask is None:
@@ -261,8 +266,9 @@ class Runtime:
         self._accepted = _accepted_inputs(model.model)
         # Input layouts already checked, by name tuple: a cache for the fast path of _validate, not
         # a rule. A request laid out otherwise takes the thorough path and is accepted if valid.
-        # Per input: dtype, per-token shape, and whether it is a token input (see _TOKEN_INPUTS).
-        self._layouts: dict[tuple[str, ...], tuple[tuple[tuple[torch.dtype, tuple[int, ...], bool], ...], object]] = {}
+        # Per input: dtype, per-token shape, whether it is a token input (see _TOKEN_INPUTS), and
+        # which length it follows (0: the inputs', 1: the decoder inputs').
+        self._layouts: dict[tuple[str, ...], tuple[tuple[_InputSpec, ...], object]] = {}
         # Token ids must index the model's embedding table: one id out of range would fail its
         # whole batch (and on CUDA an out-of-range gather is a device assert that ends the process's
         # CUDA context), so submit() refuses it up front.
@@ -466,8 +472,7 @@ class Runtime:
         _check_adapter_id(adapter, "adapter")
         _check_input_names(inputs)
         self._check_dtypes_fit(inputs)
-        tensors, length, group = self._validate(inputs)
-        self._check_length_fits(length)
+        tensors, length, decoder_length, group = self._validate(inputs)
         if adapter == BASE_ADAPTER:
             ref = None
         else:
@@ -489,7 +494,7 @@ class Runtime:
                 if ref is not None:
                     self.store.release_ref(ref)
                 raise
-        request = self._push(tensors, length, ref, group)
+        request = self._push(tensors, length, ref, group, decoder_length)
         # From here on this coroutine owns the request's bookkeeping, however it ends (result,
         # error, timeout, or the caller's cancellation, which cancels the future with it and so
         # withdraws a queued request): cheaper than a done-callback on every future.
@@ -520,11 +525,10 @@ class Runtime:
             raise OverloadedError(f"the queue is full ({self.config.max_queue} requests); retry later")
         _check_input_names(inputs)
         self._check_dtypes_fit(inputs)
-        tensors, length, group = self._validate(inputs)
-        self._check_length_fits(length)
+        tensors, length, decoder_length, group = self._validate(inputs)
         with _closed_as_runtime_closed():
             ref = None if adapter == BASE_ADAPTER else self.store.resolve_nowait(adapter)
-        request = self._push(tensors, length, ref, group)
+        request = self._push(tensors, length, ref, group, decoder_length)
         # Nobody of ours awaits this future: its bookkeeping runs when it resolves.
         request.future.add_done_callback(functools.partial(self._on_done, request))
         return request.future
@@ -642,12 +646,15 @@ class Runtime:
         if self._state in ("closing", "closed"):
             raise RuntimeClosedError(f"the runtime is {self._state}")
 
-    def _check_length_fits(self, length: int) -> None:
+    def _check_length_fits(self, length: int, decoder_length: int) -> None:
         """Refuse a row longer than the model's position table: it would fail its whole batch."""
-        if self._max_positions is not None and length > self._max_positions:
-            raise InputValidationError(
-                f"inputs have length {length}, above the model's {self._max_positions} positions"
-            )
+        if self._max_positions is None:
+            return
+        for what, value in (("inputs have", length), ("decoder inputs have", decoder_length)):
+            if value > self._max_positions:
+                raise InputValidationError(
+                    f"{what} length {value}, above the model's {self._max_positions} positions"
+                )
 
     def _check_dtypes_fit(self, inputs: Mapping[str, Any]) -> None:
         """Refuse float vectors of another dtype than the weights (checked before inputs are normalised)."""
@@ -680,7 +687,12 @@ class Runtime:
             self._room_waiters -= 1
 
     def _push(
-        self, tensors: dict[str, torch.Tensor], length: int, ref: AdapterRef | None, group: object = None
+        self,
+        tensors: dict[str, torch.Tensor],
+        length: int,
+        ref: AdapterRef | None,
+        group: object = None,
+        decoder_length: int = 0,
     ) -> _Request:
         assert self._loop is not None
         request = _Request(
@@ -692,6 +704,7 @@ class Runtime:
             submitted=time.perf_counter(),
             key=None if ref is None else ref.key,
             group=group,
+            decoder_length=decoder_length,
         )
         self._pending[request.seq] = request
         if ref is not None:
@@ -739,7 +752,8 @@ class Runtime:
 
     def _validate(
         self, inputs: Mapping[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], int, object]:
+    ) -> tuple[dict[str, torch.Tensor], int, int, object]:
+        """Normalised inputs, their length, the decoder inputs' length (0: none) and the batching group."""
         # Once per request on the event loop: the common case (a layout already seen: same names,
         # dtypes and per-token shapes, token inputs int64 [L], or a tokenizer's [1, L] / int32 of
         # them) is a dict lookup and a few comparisons per input; anything else takes the thorough
@@ -749,8 +763,8 @@ class Runtime:
             if cached is not None:
                 specs, group = cached
                 tensors: dict[str, torch.Tensor] = {}
-                length = -1
-                for (name, value), (dtype, trailing, token) in zip(inputs.items(), specs, strict=True):
+                lengths = [-1, -1]  # inputs, decoder inputs
+                for (name, value), (dtype, trailing, token, axis) in zip(inputs.items(), specs, strict=True):
                     if type(value) is not torch.Tensor:
                         break
                     shape = value.shape
@@ -763,43 +777,50 @@ class Runtime:
                         if not (token and value.dtype == torch.int32):
                             break
                         value = value.long()
-                    if length < 0:
-                        length = shape[0]
-                    elif shape[0] != length:
+                    if lengths[axis] < 0:
+                        lengths[axis] = shape[0]
+                    elif shape[0] != lengths[axis]:
                         break
                     tensors[name] = value
                 else:
-                    if 0 < length <= self.config.max_batch_tokens:
+                    length, decoder_length = lengths[0], max(lengths[1], 0)
+                    if 0 < length and decoder_length + length <= self.config.max_batch_tokens:
                         self._check_token_ids(tensors)
-                        return tensors, length, group
+                        self._check_length_fits(length, decoder_length)
+                        return tensors, length, decoder_length, group
         return self._validate_thoroughly(inputs)
 
     def _check_token_ids(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        ids = inputs.get("input_ids")
-        if self._vocab_size is None or ids is None or ids.device.type != "cpu":  # a device tensor: no sync here
+        if self._vocab_size is None:
             return
-        low, high = torch.aminmax(ids)
-        if int(low) < 0 or int(high) >= self._vocab_size:
-            bad = int(low) if int(low) < 0 else int(high)
-            raise InputValidationError(
-                f"input 'input_ids' holds token id {bad}, outside the model's vocabulary [0, {self._vocab_size})"
-            )
+        for name in ("input_ids", "decoder_input_ids"):
+            ids = inputs.get(name)
+            if ids is None or ids.device.type != "cpu":  # a device tensor: no sync here
+                continue
+            low, high = torch.aminmax(ids)
+            if int(low) < 0 or int(high) >= self._vocab_size:
+                bad = int(low) if int(low) < 0 else int(high)
+                raise InputValidationError(
+                    f"input {name!r} holds token id {bad}, outside the model's vocabulary [0, {self._vocab_size})"
+                )
 
     def _validate_thoroughly(
         self, inputs: Mapping[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], int, object]:
+    ) -> tuple[dict[str, torch.Tensor], int, int, object]:
         """Check and normalise one request's inputs against the model (not against other requests).
 
         Rules: every name must be a parameter of the model's forward (any name if it takes
         ``**kwargs``). Token-level integer inputs (ids, masks, token types, positions) are ``[L]``
         or ``[1, L]`` (what a tokenizer returns with ``return_tensors="pt"``) of any integer dtype
         (masks may be bool too) and become int64 ``[L]``; ``inputs_embeds`` is ``[L, H]`` or
-        ``[1, L, H]``; other inputs are taken as given, ``[L, ...]``. All share the length ``L``.
+        ``[1, L, H]``; other inputs are taken as given, ``[L, ...]``. All share the length ``L``,
+        except an encoder-decoder's decoder inputs (names starting with ``decoder_``), which share
+        a length of their own. There must be inputs other than decoder inputs.
         """
         if not isinstance(inputs, Mapping) or not inputs:
             raise InputValidationError("`inputs` must be a non-empty mapping of name -> tensor")
         tensors: dict[str, torch.Tensor] = {}
-        length = None
+        lengths: dict[bool, tuple[str, int]] = {}  # decoder input? -> (first name, its length)
         for name, value in inputs.items():
             if not isinstance(value, torch.Tensor):
                 raise InputValidationError(f"input {name!r} must be a tensor, got {type(value).__name__}")
@@ -813,26 +834,35 @@ class Runtime:
                 value = self._token_input(name, value)
             elif name == "inputs_embeds" and value.dim() == 3 and value.shape[0] == 1:
                 value = value[0]
-            if length is None:
-                length = value.shape[0]
-            elif value.shape[0] != length:
+            decoder = _is_decoder_input(name)
+            first, length = lengths.setdefault(decoder, (name, value.shape[0]))
+            if value.shape[0] != length:
                 raise InputValidationError(
-                    f"input {name!r} has length {value.shape[0]}, but other inputs have length {length}"
+                    f"input {name!r} has length {value.shape[0]}, but input {first!r} has length {length}"
+                    + (" (decoder inputs share one length of their own)" if decoder else "")
                 )
             tensors[name] = value
-        assert length is not None
-        if length == 0:
-            raise InputValidationError("inputs are empty (length 0)")
-        if length > self.config.max_batch_tokens:
+        if False not in lengths:
             raise InputValidationError(
-                f"inputs have length {length}, above `max_batch_tokens`={self.config.max_batch_tokens}"
+                f"inputs {sorted(tensors)} are all decoder inputs; the encoder's inputs (e.g. 'input_ids') are missing"
+            )
+        length = lengths[False][1]
+        decoder_length = lengths[True][1] if True in lengths else 0
+        if length == 0 or (True in lengths and decoder_length == 0):
+            raise InputValidationError(f"inputs are empty (input {lengths[length > 0][0]!r} has length 0)")
+        if length + decoder_length > self.config.max_batch_tokens:
+            raise InputValidationError(
+                f"inputs have {length + decoder_length} tokens, above `max_batch_tokens`={self.config.max_batch_tokens}"
             )
         self._check_token_ids(tensors)
-        specs = tuple((t.dtype, tuple(t.shape[1:]), n in _TOKEN_INPUTS) for n, t in tensors.items())
+        self._check_length_fits(length, decoder_length)
+        specs = tuple(
+            (t.dtype, tuple(t.shape[1:]), n in _TOKEN_INPUTS, int(_is_decoder_input(n))) for n, t in tensors.items()
+        )
         group = _input_group(tensors)
         if len(self._layouts) < _MAX_LAYOUTS:
             self._layouts[tuple(tensors)] = (specs, group)
-        return tensors, length, group
+        return tensors, length, decoder_length, group
 
     @staticmethod
     def _token_input(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -1006,7 +1036,7 @@ class Runtime:
         slots_free = self.model.config.num_slots
         chosen: list[_Request] = []
         keys: dict[object, AdapterRef] = {}
-        width = 0
+        width = decoder_width = 0
         anchor = None
         skipped: list[_Request] = []
         for request in self._pending.values():
@@ -1025,12 +1055,12 @@ class Runtime:
                 anchor = anchor or request.length
                 if not anchor / 2 < request.length <= anchor * 2:
                     continue
-            padded = self._padded(request.length)
-            new_width = max(width, padded)
-            if new_width * (len(chosen) + 1) > cfg.max_batch_tokens:
+            new_width = max(width, self._padded(request.length))
+            new_decoder_width = max(decoder_width, self._padded(request.decoder_length))
+            if (new_width + new_decoder_width) * (len(chosen) + 1) > cfg.max_batch_tokens:
                 continue
             chosen.append(request)
-            width = new_width
+            width, decoder_width = new_width, new_decoder_width
             if request.ref is not None:
                 keys.setdefault(request.key, request.ref)
         if not chosen:
@@ -1045,7 +1075,7 @@ class Runtime:
             self._unqueue(request)
             request.dispatched = now
         slots = [0 if r.ref is None else lease.slot_of(r.ref) for r in chosen]
-        batch = _Batch(requests=chosen, slots=slots, width=width, lease=lease)
+        batch = _Batch(requests=chosen, slots=slots, width=width, lease=lease, decoder_width=decoder_width)
         self.metrics.set_queue_depth(len(self._pending))
         return batch
 
@@ -1057,8 +1087,8 @@ class Runtime:
         self._stats["mixed_batches"] += distinct > 1
         self._stats["max_adapters_in_batch"] = max(self._stats["max_adapters_in_batch"], distinct)
         self._stats["rows"] += len(batch.requests)
-        self._stats["padded_tokens"] += batch.width * len(batch.requests)
-        self._stats["real_tokens"] += sum(r.length for r in batch.requests)
+        self._stats["padded_tokens"] += (batch.width + batch.decoder_width) * len(batch.requests)
+        self._stats["real_tokens"] += sum(r.length + r.decoder_length for r in batch.requests)
         self.metrics.batch(len(batch.requests), batch.width * len(batch.requests), distinct)
         started = time.perf_counter()
         done_event = None
@@ -1135,6 +1165,7 @@ class Runtime:
                 slots=[batch.slots[i] for i in part],
                 width=max(self._padded(r.length) for r in requests),
                 lease=batch.lease,
+                decoder_width=max(self._padded(r.decoder_length) for r in requests),
             )
             outcome, payload, _computed = await self._loop.run_in_executor(self._executor, self._execute, sub)
             if outcome == "pending":
@@ -1222,32 +1253,43 @@ class Runtime:
 
     def _probe_layout(self, batch: _Batch) -> _OutputLayout:
         # Two lengths of the first request's own tokens (no padding: a model may treat padding
-        # specially): its first n positions, and those plus the n-th once more.
+        # specially): its first n positions, and those plus the n-th once more; decoder inputs,
+        # if any, are lengthened separately (m and m + 1), so either length can be told apart.
         first = batch.requests[0]
-        n = min(first.length, 8)
-        short = {k: v[:n] for k, v in first.inputs.items()}
-        long = {k: torch.cat([v, v[n - 1 : n]]) for k, v in short.items()}
-        probes = [
-            dataclasses.replace(first, inputs=short, length=n),
-            dataclasses.replace(first, inputs=long, length=n + 1),
-        ]
-        shapes = [self._probe_shape(p, batch.lease) for p in probes]
-        sequence_axes = tuple(
-            axis
-            for axis in range(1, len(shapes[0]))
-            if len(shapes[1]) == len(shapes[0]) and (shapes[0][axis], shapes[1][axis]) == (n, n + 1)
-        )
+        n, m = min(first.length, 8), min(first.decoder_length, 8)
+
+        def probe(extra: int, decoder_extra: int) -> _Request:
+            inputs = {}
+            for name, value in first.inputs.items():
+                keep, more = (m, decoder_extra) if _is_decoder_input(name) else (n, extra)
+                inputs[name] = torch.cat([value[:keep], value[keep - 1 : keep].expand(more, *value.shape[1:])])
+            return dataclasses.replace(first, inputs=inputs, length=n + extra, decoder_length=m + decoder_extra)
+
+        short = probe(0, 0)
+        shape = self._probe_shape(short, batch.lease)
+
+        def grows(other: tuple[int, ...], size: int | None) -> tuple[int, ...]:
+            # The axes one longer in `other` (of size `size` in the short probe, if given).
+            if len(other) != len(shape):
+                return ()
+            return tuple(
+                a for a in range(1, len(shape)) if other[a] == shape[a] + 1 and (size is None or shape[a] == size)
+            )
+
+        sequence_axes = grows(self._probe_shape(probe(1, 0), batch.lease), n)
+        decoder_axes = grows(self._probe_shape(probe(0, 1), batch.lease), m) if m else ()
         head_axes: dict[str, int] = {}
         for name in sorted(batch.head_widths):
             with self.model.head_width_probe(name):
-                wider = self._probe_shape(probes[0], batch.lease)
-            grown = [a for a in range(1, len(wider)) if len(wider) == len(shapes[0]) and wider[a] == shapes[0][a] + 1]
+                grown = grows(self._probe_shape(short, batch.lease), None)
             if len(grown) == 1:
                 head_axes[name] = grown[0]
-        return _OutputLayout(sequence_axes, head_axes)
+        return _OutputLayout(sequence_axes, head_axes, decoder_axes)
 
     def _probe_shape(self, request: _Request, lease: BatchLease) -> tuple[int, ...]:
-        probe = _Batch(requests=[request], slots=[0], width=request.length, lease=lease)
+        probe = _Batch(
+            requests=[request], slots=[0], width=request.length, lease=lease, decoder_width=request.decoder_length
+        )
         selected = self._select(self.model.forward_slots([0], **self._collate(probe)))
         return tuple(selected.shape)
 
@@ -1281,7 +1323,9 @@ class Runtime:
         requests = batch.requests
         rows, width = len(requests), batch.width
         pin = device.type == "cuda"
-        real = _token_mask(requests, width)
+        real = _token_mask([r.length for r in requests], width)
+        if batch.decoder_width:  # an encoder-decoder's decoder inputs: padded along their own length
+            decoder_real = _token_mask([r.decoder_length for r in requests], batch.decoder_width)
         out: dict[str, torch.Tensor] = {}
         # Requests of one batch have the same inputs (see _input_group), except that some may
         # lack an attention mask: those rows get ones over their real tokens below.
@@ -1291,17 +1335,18 @@ class Runtime:
                 if "attention_mask" not in request.inputs:
                     request.inputs["attention_mask"] = torch.ones(request.length, dtype=torch.long)
         for name, sample in (masked[0] if masked else requests[0]).inputs.items():
+            decoder = _is_decoder_input(name)
             padded = torch.full(
-                (rows, width, *sample.shape[1:]),
+                (rows, batch.decoder_width if decoder else width, *sample.shape[1:]),
                 self._pad_values.get(name, 0),
                 dtype=sample.dtype,
                 pin_memory=pin,
             )
             if sample.dim() == 1:
-                padded[real] = torch.cat([_on_cpu(r.inputs[name]) for r in requests])
+                padded[decoder_real if decoder else real] = torch.cat([_on_cpu(r.inputs[name]) for r in requests])
             else:
                 for row, request in zip(padded.unbind(0), requests, strict=True):
-                    row[: request.length] = request.inputs[name]
+                    row[: request.decoder_length if decoder else request.length] = request.inputs[name]
             out[name] = padded.to(device, non_blocking=True)
         if self._add_mask and "attention_mask" not in out:
             mask = torch.empty(rows, width, dtype=torch.long, pin_memory=pin)
@@ -1320,14 +1365,16 @@ class Runtime:
             selected = selected.to("cpu")
         rows = selected.unbind(0)
         layout = batch.layout
-        if layout is None or (not layout.sequence_axes and not layout.head_axes):  # one value per row
+        if layout is None or not (layout.sequence_axes or layout.head_axes or layout.decoder_axes):  # one per row
             return [row.clone() for row in rows]
-        if layout.sequence_axes == (1,) and not layout.head_axes:  # the common case: [rows, length, ...]
+        if layout.sequence_axes == (1,) and not (layout.head_axes or layout.decoder_axes):  # [rows, length, ...]
             return [row[: r.length].clone() for row, r in zip(rows, batch.requests, strict=True)]
         out = []
         for i, (row, request) in enumerate(zip(rows, batch.requests, strict=True)):
             for axis in layout.sequence_axes:
                 row = row.narrow(axis - 1, 0, request.length)
+            for axis in layout.decoder_axes:
+                row = row.narrow(axis - 1, 0, request.decoder_length)
             for name, axis in layout.head_axes.items():
                 row = row.narrow(axis - 1, 0, batch.head_widths[name][i])
             out.append(row.clone())
@@ -1428,10 +1475,9 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
-def _token_mask(requests: list[_Request], width: int) -> torch.Tensor:
-    """``[rows, width]`` bool on the CPU: True where a row has a real (not padding) token."""
-    lengths = torch.tensor([r.length for r in requests])
-    return torch.arange(width) < lengths[:, None]
+def _token_mask(lengths: list[int], width: int) -> torch.Tensor:
+    """``[rows, width]`` bool on the CPU: True where a row (of length ``lengths[row]``) has a real token."""
+    return torch.arange(width) < torch.tensor(lengths)[:, None]
 
 
 def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -1444,6 +1490,29 @@ def _default_pad_values(model: torch.nn.Module) -> dict[str, int]:
     if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0:
         return {"input_ids": pad, "decoder_input_ids": pad}
     return {}
+
+
+def _check_pad_id(model: torch.nn.Module) -> None:
+    """Refuse a model that needs ``config.pad_token_id`` to batch rows but has none.
+
+    Decoder classifiers (``LlamaForSequenceClassification``, ``GPT2ForSequenceClassification``, ...)
+    read each row at its last token that is not the pad id, and refuse batches of more than one row
+    without one; their ``forward`` reads ``config.pad_token_id``, which is how they are recognised.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "pad_token_id", 0) is not None:
+        return
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return
+    if "pad_token_id" in source:
+        raise ConfigError(
+            f"{type(model).__name__} needs `config.pad_token_id` to batch rows of different lengths (it reads "
+            "each row at its last token that is not the pad id), and its config has none: set "
+            "`model.config.pad_token_id` before wrapping, e.g. to the tokenizer's pad id, or to its eos id "
+            "as is usual for Llama-style models"
+        )
 
 
 def _vocab_size(model: torch.nn.Module) -> int | None:
@@ -1474,6 +1543,7 @@ def _crash_error(exc: BaseException) -> WorkerCrashedError:
 _TOKEN_INPUTS = frozenset(
     {"input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids", "decoder_attention_mask"}
 )
+_InputSpec = tuple[torch.dtype, tuple[int, ...], bool, int]  # see Runtime._layouts
 _MAX_LAYOUTS = 64  # distinct input layouts remembered for the fast path; more still work, slower
 
 
@@ -1501,6 +1571,11 @@ def _accepted_inputs(model: torch.nn.Module) -> frozenset[str] | None:
                 return None  # not a TypedDict: take any name
             names |= required | optional
     return frozenset(names)
+
+
+def _is_decoder_input(name: str) -> bool:
+    """An encoder-decoder's decoder input (``decoder_input_ids``, ``decoder_attention_mask``, ...): own length."""
+    return name.startswith("decoder_")
 
 
 def _input_group(tensors: Mapping[str, torch.Tensor]) -> object:

@@ -149,7 +149,8 @@ async def test_bad_inputs_are_refused_at_submit(adapters: dict[str, Path]) -> No
         await runtime.submit({"input_ids": _ids(4, 0)})  # fixes the input schema
         with pytest.raises(InputValidationError, match="integer tensor"):
             await runtime.submit({"input_ids": torch.rand(4)})
-        with pytest.raises(InputValidationError, match="length 3, but other inputs have length 4"):
+        mismatch = "'attention_mask' has length 3, but input 'input_ids' has length 4"
+        with pytest.raises(InputValidationError, match=mismatch):
             await runtime.submit({"input_ids": _ids(4, 0), "attention_mask": torch.ones(3, dtype=torch.long)})
         with pytest.raises(InputValidationError, match=r"per-token shape \[2\]"):
             await runtime.submit({"input_ids": torch.ones(4, 2, dtype=torch.long)})
