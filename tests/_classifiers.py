@@ -19,6 +19,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 from torch import nn
 
+from tests._models import padded_batch
+
 VOCAB = 101
 
 # family -> (LoRA targets, pad token id)
@@ -133,13 +135,7 @@ def save_classifier_adapters(family: str, labels: dict[str, int], root: Path, ba
 
 def padded(lengths: list[int], pad_id: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids (real tokens never equal ``pad_id``) and the attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(pad_id + 1, VOCAB, (n,), generator=g)
-        mask[i, :n] = 1
-    return ids, mask
+    return padded_batch(lengths, pad_id, VOCAB, seed)
 
 
 def wrap(cset: ClassifierSet, **config: Any) -> Any:

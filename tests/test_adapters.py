@@ -28,7 +28,7 @@ from polylora_async import (
     UnsupportedAdapterError,
     WrapConfig,
 )
-from tests.conftest import LLAMA_TARGETS, AdapterSet, padded_batch
+from tests._models import LLAMA_TARGETS, AdapterSet, padded_batch
 
 GOOD = "qv-r4"
 

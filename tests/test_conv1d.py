@@ -13,7 +13,7 @@ from torch import nn
 from polylora_async import BASE_ADAPTER, MultiLoraModel, WrapConfig
 from polylora_async._demo import _write_adapters, pick_targets
 from polylora_async._errors import AdapterFormatError, PolyLoraWarning, TargetModulesError
-from tests.conftest import AdapterSet, padded_batch, save_peft_adapters
+from tests._models import AdapterSet, padded_batch, save_peft_adapters
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 FP32_TOL = {"rtol": 2e-4, "atol": 2e-5}

@@ -17,7 +17,7 @@ import torch
 
 import polylora_async._demo as demo
 from polylora_async.__main__ import main
-from tests.conftest import tiny_llama
+from tests._models import tiny_llama
 
 # Parsing and checking need no model: far below the seconds a model build and adapter writes take.
 QUICK_S = 2.0

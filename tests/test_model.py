@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from polylora_async import BASE_ADAPTER, MultiLoraModel, WrapConfig
-from tests.conftest import DEBERTA_TARGETS, LLAMA_TARGETS, AdapterSet, padded_batch
+from tests._models import DEBERTA_TARGETS, LLAMA_TARGETS, AdapterSet, padded_batch
 
 # fp32 end to end; the only differences from PEFT are summation order (fp32 accumulate everywhere).
 FP32_TOL = {"rtol": 2e-4, "atol": 2e-5}

@@ -24,8 +24,8 @@ from polylora_async import (
     WorkerCrashedError,
     WrapConfig,
 )
+from tests._models import LLAMA_TARGETS, tiny_llama
 from tests._tiny import TARGETS, VOCAB, TinyModel, reference, write_adapter
-from tests.conftest import LLAMA_TARGETS, tiny_llama
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 model vs fp64 reference
 

@@ -18,8 +18,8 @@ from polylora_async import (
     RuntimeConfig,
     WrapConfig,
 )
+from tests._models import AdapterSet, save_peft_adapters
 from tests._tiny import HIDDEN, TARGETS, VOCAB, TinyModel, reference, write_adapter
-from tests.conftest import AdapterSet, save_peft_adapters
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 model vs an fp64 or fp32 reference run alone
 

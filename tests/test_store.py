@@ -913,7 +913,7 @@ async def test_peft_saved_and_in_memory_adapters_match_peft(llama_set: Any, tmp_
     the disk cache in PEFT format, reloaded from there) and a state dict, through one slot."""
     from peft import get_peft_model_state_dict
 
-    from tests.conftest import LLAMA_TARGETS, padded_batch
+    from tests._models import LLAMA_TARGETS, padded_batch
 
     names = list(llama_set.paths)
     model = MultiLoraModel(copy.deepcopy(llama_set.base), WrapConfig(LLAMA_TARGETS, max_rank=8, num_slots=2))

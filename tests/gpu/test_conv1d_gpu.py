@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from polylora_async import BASE_ADAPTER, MultiLoraModel, Runtime, RuntimeConfig, WrapConfig
-from tests.conftest import padded_batch, save_peft_adapters
+from tests._models import padded_batch, save_peft_adapters
 from tests.test_conv1d import GPT2_ADAPTERS, GPT2_TARGETS, tiny_gpt2
 
 pytestmark = pytest.mark.gpu
