@@ -13,8 +13,8 @@ holds the activations' dtype (the caller's ``dtype``: in the SGMV kernels every 
 fixed element type, int32 tables, fp32 scales and intermediates, which the checked entry points
 verify and the trusted one is guaranteed), every integer argument as it is, the meta-parameters and
 the options; calls whose pointers are not all 16-byte aligned always go through ``kernel[grid]``
-(triton then specialises them itself). An H200 run (2026-11-28) found the key without the dtype:
-a bf16 call reused the fp16 compilation of the same shapes. Whatever cannot be cached (the
+(triton then specialises them itself). Without the dtype in the key, a bf16 call would reuse the
+fp16 compilation of the same shapes. Whatever cannot be cached (the
 interpreter, an unexpected triton version, a launch hook such as a profiler's) takes the ordinary
 path.
 """

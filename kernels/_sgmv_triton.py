@@ -35,11 +35,6 @@ NEXT tile of ``y`` before it computes the current one, so a ``y`` load is always
 program waits on B and the MMA (the one-tile-per-program version waited for each ``y`` load after
 its chain of metadata loads, reaching ~40% of copy bandwidth at prefill sizes).
 
-Tried and dropped (H200, 2026-11-28): launching the decode expand with programmatic dependent launch
-(``gdc_wait`` before reading ``t``) to overlap its launch and metadata loads with the shrink. The
-pair took 14.4 us in a CUDA graph against 6.1 + 8.0 us for the kernels alone: the expand's time is
-its own B streaming after ``t`` is ready, not its launch.
-
 Interpreter: bf16 ``tl.dot`` is wrong under ``TRITON_INTERPRET=1`` (it multiplies raw bits), so the
 host passes ``UPCAST_DOT=True`` only there and the shrink casts its tiles to fp32 before the dot.
 """

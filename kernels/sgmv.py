@@ -757,8 +757,7 @@ def lora_apply_triton_unchecked_(
     ``slots`` entries, everything on one CUDA device, ``meta`` from :func:`build_batch_meta` for
     ``B`` rows and slots below ``slots``, and a ``y`` that does not overlap itself. A layer owns
     its stacks and tables, so it meets this by construction; per call the checks cost about as much
-    host time as the launch itself (H200 machine, fused path: 28.7 us checked against 16.5 us
-    unchecked per call, for a few microseconds of GPU work).
+    host time as the launch itself (figures: benchmarks/notes_kernels.md, "host cost per call").
     """
     if meta.any_lora:
         _apply(y, x, a_stack, b_stack, ranks, scales, meta.device_buffer)  # type: ignore[arg-type]

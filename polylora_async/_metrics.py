@@ -425,10 +425,10 @@ def _register_all(registry: CollectorRegistry, metrics: Sequence[Any]) -> None:
 class _FastCounter:
     """A counter with one bounded label, as a collector: for metrics updated on every request.
 
-    A request updates four metrics; through ``prometheus_client``'s objects they took ~15% of the
-    runtime's host cost per request with a trivial model (18 of ~110 us on a 2-core development
-    CPU). This counter is one dict update under a lock (thread-safe, label checked in the same
-    step) and exposes the same samples, ``_created`` included.
+    A request updates four metrics, and through ``prometheus_client``'s objects that was a sizeable
+    share of the runtime's host cost per request (benchmarks/notes_host.md). This counter is one
+    dict update under a lock (thread-safe, label checked in the same step) and exposes the same
+    samples, ``_created`` included.
     """
 
     def __init__(self, name: str, documentation: str, label: str, values: Sequence[str]) -> None:
@@ -466,8 +466,8 @@ class _FastHistogram:
     """A histogram without labels, as a collector: ``observe`` is a bisection and two additions.
 
     The same buckets and samples as ``prometheus_client``'s Histogram (cumulative ``le`` buckets,
-    ``+Inf``, ``_count``, ``_sum``) except ``_created``; an observation costs ~1.0 us instead of
-    ~2.5 us (17 latency buckets, development CPU).
+    ``+Inf``, ``_count``, ``_sum``) except ``_created``, at under half the cost of an observation
+    (benchmarks/notes_host.md).
     """
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
