@@ -1,7 +1,8 @@
-"""Configuration of the model wrapper."""
+"""Configuration shared by the package: the base adapter id, the wrapper's config, and shared validators."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,39 @@ from ._errors import ConfigError
 
 BASE_ADAPTER = "__base__"
 """The adapter id that means "no adapter": the row runs through the unmodified base model."""
+
+
+def check_adapter_id(
+    adapter_id: object, field: str = "adapter_id", *, allow_base: bool = False, error: type[Exception] = ValueError
+) -> str:
+    """An adapter id is a non-empty string; :data:`BASE_ADAPTER` only where ``allow_base``.
+
+    ``error`` is the type the caller documents: ``ValueError`` for the model and the store,
+    :class:`InputValidationError` for a request's ``adapter``.
+    """
+    if not isinstance(adapter_id, str) or not adapter_id:
+        raise error(f"`{field}` must be a non-empty string, got {adapter_id!r}")
+    if adapter_id == BASE_ADAPTER and not allow_base:
+        raise error(f"`{field}`: {BASE_ADAPTER!r} is reserved for the base model")
+    return adapter_id
+
+
+def check_int(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
+    """A config field that must be an integer (never a bool) >= ``minimum`` (or None if ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"`{name}` must be an integer{' or None' if optional else ''}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value}")
+
+
+def check_seconds(name: str, value: object) -> None:
+    """A config field that must be a finite number of seconds >= 0 (never a bool)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"`{name}` must be a finite number of seconds, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"`{name}` must be a finite number of seconds >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -49,10 +83,8 @@ class WrapConfig:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if isinstance(self.exclude_modules, (list, set)):
             object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
-        if not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or self.max_rank < 1:
-            raise ConfigError(f"`max_rank` must be an integer >= 1, got {self.max_rank!r}")
-        if not isinstance(self.num_slots, int) or isinstance(self.num_slots, bool) or self.num_slots < 1:
-            raise ConfigError(f"`num_slots` must be an integer >= 1, got {self.num_slots!r}")
+        check_int("max_rank", self.max_rank, 1)
+        check_int("num_slots", self.num_slots, 1)
 
     def targets(self, module_name: str) -> bool:
         """Whether the module with this full (dotted) name is targeted and not excluded."""

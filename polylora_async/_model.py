@@ -27,7 +27,7 @@ from ._adapters import (
     view_at,
 )
 from ._batch import BatchContext, BatchState, MixedSharedInputError
-from ._config import BASE_ADAPTER, WrapConfig
+from ._config import BASE_ADAPTER, WrapConfig, check_adapter_id
 from ._errors import (
     AdapterNotFoundError,
     BatchInputError,
@@ -229,7 +229,7 @@ class MultiLoraModel(nn.Module):
             AdapterLoadError, AdapterFormatError, UnsupportedAdapterError: the adapter is unusable;
                 the message names the adapter, the file or module, and the value.
         """
-        _check_adapter_id(adapter_id)
+        check_adapter_id(adapter_id)
         if isinstance(source, AdapterWeights):
             return validate_weights(
                 adapter_id,
@@ -499,13 +499,6 @@ def _type_path(module: nn.Module) -> str:
     """A module's class with where it comes from, e.g. ``torch.nn.modules.sparse.Embedding``."""
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _check_adapter_id(adapter_id: object) -> None:
-    if not isinstance(adapter_id, str) or not adapter_id:
-        raise ValueError(f"adapter ids must be non-empty strings, got {adapter_id!r}")
-    if adapter_id == BASE_ADAPTER:
-        raise ValueError(f"{BASE_ADAPTER!r} is reserved for the base model")
 
 
 def _tensors(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterable[torch.Tensor]:
