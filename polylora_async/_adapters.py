@@ -661,6 +661,46 @@ def validate_adapter(
     return _pack(adapter_id, raw, found, dtype, pin_memory, packed_dtype, head_tensors)
 
 
+def check_source(
+    adapter_id: str,
+    source: str | os.PathLike[str] | RawAdapter | AdapterWeights,
+    layers: Mapping[str, LayerShape],
+    max_rank: int,
+    heads: Mapping[str, HeadSpec] | None = None,
+) -> None:
+    """Refuse what can be refused without tensor data: what registration checks at once.
+
+    The rules are those of :func:`validate_adapter` (and :func:`validate_weights`), applied to
+    what is known before the weights are read: a directory's ``adapter_config.json`` and its
+    safetensors header (tensor names, dtypes and shapes, :func:`read_safetensors_header`); an
+    in-memory source's config and tensor shapes. Values are not looked at (NaN/Inf, data that does
+    not match a valid header): the load still checks everything. For a directory with only
+    ``adapter_model.bin`` the config is checked, the weights only at load (a pickle has no header).
+    Unknown config keys are not reported here (the load warns about them).
+
+    Raises:
+        AdapterLoadError: the directory, its config or weights file is missing, unreadable or
+            truncated (names the file).
+        UnsupportedAdapterError: a PEFT feature this runtime does not serve (names the field or tensor).
+        AdapterFormatError: a field, module, shape or rank that does not fit the wrapped model.
+    """
+    if isinstance(source, AdapterWeights):
+        _check_weights_layout(f"adapter {adapter_id!r} ({source.origin})", source, layers, max_rank, heads)
+        return
+    if isinstance(source, RawAdapter):
+        where = f"adapter {adapter_id!r} ({source.origin})"
+        spec = _LoraSpec.parse(where, source.config, warn_unknown=False)
+        _plan_adapter(where, spec, source.config, source.tensors, layers, max_rank, heads)
+        return
+    root = Path(source)
+    config = _read_config(adapter_id, root)
+    weights_path = _weights_file(adapter_id, root)
+    entries = read_safetensors_header(adapter_id, weights_path) if weights_path.name == SAFETENSORS_FILE else None
+    spec = _LoraSpec.parse(f"adapter {adapter_id!r} ({root / CONFIG_FILE})", config, warn_unknown=False)
+    if entries is not None:
+        _plan_adapter(f"adapter {adapter_id!r} ({weights_path})", spec, config, entries, layers, max_rank, heads)
+
+
 @dataclass(frozen=True)
 class _PlannedLayer:
     """Where one wrapped layer's factors are in an adapter's tensors, and its scale."""
@@ -1067,7 +1107,12 @@ class _LoraSpec:
     fan_in_fan_out: bool = False
 
     @classmethod
-    def parse(cls, where: str, config: Mapping[str, Any]) -> _LoraSpec:
+    def parse(cls, where: str, config: Mapping[str, Any], *, warn_unknown: bool = True) -> _LoraSpec:
+        """The config's LoRA settings; refuses unsupported features and malformed fields.
+
+        ``warn_unknown``: warn (once per set of keys) about keys PEFT's ``LoraConfig`` does not
+        have; that needs PEFT imported (seconds), which a registration-time check avoids.
+        """
         raw_type = config.get("peft_type", "LORA")
         peft_type = str(getattr(raw_type, "value", raw_type))  # an enum when taken from a live PeftModel
         if peft_type.upper() != "LORA":
@@ -1079,7 +1124,7 @@ class _LoraSpec:
         bias = config.get("bias", "none")
         if bias != "none":
             raise UnsupportedAdapterError(f"{where}: field `bias`={bias!r}: LoRA bias is not supported")
-        unknown = frozenset(config) - _lora_config_keys()
+        unknown = frozenset(config) - _lora_config_keys() if warn_unknown else frozenset()
         if unknown and unknown not in _warned_unknown_keys:
             _warned_unknown_keys.add(unknown)
             warnings.warn(
