@@ -29,7 +29,7 @@ from ._errors import (
     PolyLoraWarning,
     UnsupportedAdapterError,
 )
-from ._heads import HeadSpec, check_head, split_head_key
+from ._heads import HeadSpec, check_head, check_head_layout, split_head_key
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -154,6 +154,22 @@ def read_peft_directory(
         AdapterLoadError: the directory or a file is missing, truncated or corrupt.
     """
     root = Path(path)
+    config = _read_config(adapter_id, root)
+    weights_path = _weights_file(adapter_id, root)
+    buffer = None
+    if weights_path.name == SAFETENSORS_FILE:
+        tensors, buffer = read_safetensors(adapter_id, weights_path, pin_memory=pin_memory)
+    else:
+        tensors = _read_torch_pickle(adapter_id, weights_path)
+    return RawAdapter(config=config, tensors=tensors, origin=str(root), buffer=buffer)
+
+
+def _read_config(adapter_id: str, root: Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT directory, as a dict.
+
+    Raises:
+        AdapterLoadError: ``root`` is not a directory, or the file is missing or not a JSON object.
+    """
     if not root.is_dir():
         raise AdapterLoadError(f"adapter {adapter_id!r}: {str(root)!r} is not a directory")
     config_path = root / CONFIG_FILE
@@ -169,18 +185,21 @@ def read_peft_directory(
         raise AdapterLoadError(
             f"adapter {adapter_id!r}: {str(config_path)!r} must hold a JSON object, got {type(config).__name__}"
         )
+    return config
 
-    weights_path = root / SAFETENSORS_FILE
-    buffer = None
-    if weights_path.is_file():
-        tensors, buffer = read_safetensors(adapter_id, weights_path, pin_memory=pin_memory)
-    elif (root / PICKLE_FILE).is_file():
-        tensors = _read_torch_pickle(adapter_id, root / PICKLE_FILE)
-    else:
-        raise AdapterLoadError(
-            f"adapter {adapter_id!r}: no weights in {str(root)!r} (expected {SAFETENSORS_FILE} or {PICKLE_FILE})"
-        )
-    return RawAdapter(config=config, tensors=tensors, origin=str(root), buffer=buffer)
+
+def _weights_file(adapter_id: str, root: Path) -> Path:
+    """``adapter_model.safetensors`` if the directory has one, else ``adapter_model.bin``.
+
+    Raises:
+        AdapterLoadError: it has neither.
+    """
+    for name in (SAFETENSORS_FILE, PICKLE_FILE):
+        if (root / name).is_file():
+            return root / name
+    raise AdapterLoadError(
+        f"adapter {adapter_id!r}: no weights in {str(root)!r} (expected {SAFETENSORS_FILE} or {PICKLE_FILE})"
+    )
 
 
 # safetensors dtype names (the format's own spelling) -> the torch dtype the reference reader gives
@@ -243,23 +262,7 @@ def read_safetensors(
     where = f"adapter {adapter_id!r}: cannot read {str(path)!r}"
     try:
         with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            head = file.read(8)
-            if len(head) < 8:
-                raise AdapterLoadError(f"{where}: {size} bytes is too short for a safetensors file")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > _MAX_HEADER_BYTES:
-                raise AdapterLoadError(
-                    f"{where}: its header claims {header_len} bytes, above the format's limit of {_MAX_HEADER_BYTES}"
-                )
-            if header_len > size - 8:
-                raise AdapterLoadError(
-                    f"{where}: its header claims {header_len} bytes but the file has {size} (truncated or not "
-                    "a safetensors file)"
-                )
-            header = _parse_safetensors_header(where, file.read(header_len))
-            data_len = size - 8 - header_len
-            entries = _safetensors_entries(where, header, data_len)
+            entries, data_len = _read_header(where, file)
             buffer = torch.empty(data_len, dtype=torch.uint8, pin_memory=pin_memory)
             view = memoryview(buffer.numpy())  # type: ignore[arg-type]
             done = 0
@@ -277,6 +280,61 @@ def read_safetensors(
         tensors[name] = _tensor_view(buffer, typed, dtype, shape, begin)
         all_views = all_views and begin % dtype.itemsize == 0  # a misaligned tensor is a copy
     return tensors, (buffer if all_views else None)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One tensor as a safetensors header describes it: what shape and dtype checks need, no data.
+
+    Like a tensor, it has ``shape`` and ``dtype`` (in torch's terms, as :func:`read_safetensors`
+    would give the tensor), so one set of rules checks either.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def read_safetensors_header(adapter_id: str, path: Path) -> dict[str, TensorMeta]:
+    """The tensors of a safetensors file from its header alone: name -> shape and dtype.
+
+    The header is checked exactly as :func:`read_safetensors` checks it, the tiling of the data
+    section included (its length comes from the file's size), but no tensor data is read: a
+    file whose values are corrupt passes here and fails when it is read.
+
+    Raises:
+        AdapterLoadError: the file is missing, truncated, or its header is not a valid safetensors header.
+    """
+    where = f"adapter {adapter_id!r}: cannot read {str(path)!r}"
+    try:
+        with open(path, "rb") as file:
+            entries, _ = _read_header(where, file)
+    except OSError as exc:
+        raise AdapterLoadError(f"{where}: {exc}") from exc
+    return {name: TensorMeta(shape, dtype) for name, dtype, shape, _ in entries}
+
+
+def _read_header(where: str, file: Any) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int]], int]:
+    """Read a safetensors file's header from an open binary file: its checked entries and the data length.
+
+    Leaves the file positioned at the start of the data section.
+    """
+    size = os.fstat(file.fileno()).st_size
+    head = file.read(8)
+    if len(head) < 8:
+        raise AdapterLoadError(f"{where}: {size} bytes is too short for a safetensors file")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > _MAX_HEADER_BYTES:
+        raise AdapterLoadError(
+            f"{where}: its header claims {header_len} bytes, above the format's limit of {_MAX_HEADER_BYTES}"
+        )
+    if header_len > size - 8:
+        raise AdapterLoadError(
+            f"{where}: its header claims {header_len} bytes but the file has {size} (truncated or not "
+            "a safetensors file)"
+        )
+    header = _parse_safetensors_header(where, file.read(header_len))
+    data_len = size - 8 - header_len
+    return _safetensors_entries(where, header, data_len), data_len
 
 
 class _JsonObject(dict[str, Any]):
@@ -585,37 +643,133 @@ def validate_adapter(
     """
     where = f"adapter {adapter_id!r} ({raw.origin})"
     spec = _LoraSpec.parse(where, raw.config)
-
+    plan = _plan_adapter(where, spec, raw.config, raw.tensors, layers, max_rank, heads)
+    tensors = raw.tensors
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    saved: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in raw.tensors.items():
+    found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for layer_name, planned in plan.layers.items():
+        a, b = tensors[planned.a_key], tensors[planned.b_key]
+        pairs[planned.module] = {"lora_A": a, "lora_B": b}
+        if a.requires_grad or b.requires_grad:  # a state dict taken from a model being trained
+            a, b = a.detach(), b.detach()
+        found[layer_name] = (a, b, planned.scale)
+    head_tensors = {head: {k: tensors[key].detach() for k, key in keys.items()} for head, keys in plan.heads.items()}
+    _check_fan_in_fan_out(where, spec.fan_in_fan_out, [layers[n] for n in found])
+    packed_dtype = _packed_dtype(raw)
+    whole = raw.buffer.view(packed_dtype) if raw.buffer is not None and packed_dtype is not None else None
+    _check_finite(where, whole, {**pairs, **head_tensors})
+    return _pack(adapter_id, raw, found, dtype, pin_memory, packed_dtype, head_tensors)
+
+
+def check_source(
+    adapter_id: str,
+    source: str | os.PathLike[str] | RawAdapter | AdapterWeights,
+    layers: Mapping[str, LayerShape],
+    max_rank: int,
+    heads: Mapping[str, HeadSpec] | None = None,
+) -> None:
+    """Refuse what can be refused without tensor data: what registration checks at once.
+
+    The rules are those of :func:`validate_adapter` (and :func:`validate_weights`), applied to
+    what is known before the weights are read: a directory's ``adapter_config.json`` and its
+    safetensors header (tensor names, dtypes and shapes, :func:`read_safetensors_header`); an
+    in-memory source's config and tensor shapes. Values are not looked at (NaN/Inf, data that does
+    not match a valid header): the load still checks everything. For a directory with only
+    ``adapter_model.bin`` the config is checked, the weights only at load (a pickle has no header).
+    Unknown config keys are not reported here (the load warns about them).
+
+    Raises:
+        AdapterLoadError: the directory, its config or weights file is missing, unreadable or
+            truncated (names the file).
+        UnsupportedAdapterError: a PEFT feature this runtime does not serve (names the field or tensor).
+        AdapterFormatError: a field, module, shape or rank that does not fit the wrapped model.
+    """
+    if isinstance(source, AdapterWeights):
+        _check_weights_layout(f"adapter {adapter_id!r} ({source.origin})", source, layers, max_rank, heads)
+        return
+    if isinstance(source, RawAdapter):
+        where = f"adapter {adapter_id!r} ({source.origin})"
+        spec = _LoraSpec.parse(where, source.config, warn_unknown=False)
+        _plan_adapter(where, spec, source.config, source.tensors, layers, max_rank, heads)
+        return
+    root = Path(source)
+    config = _read_config(adapter_id, root)
+    weights_path = _weights_file(adapter_id, root)
+    entries = read_safetensors_header(adapter_id, weights_path) if weights_path.name == SAFETENSORS_FILE else None
+    spec = _LoraSpec.parse(f"adapter {adapter_id!r} ({root / CONFIG_FILE})", config, warn_unknown=False)
+    if entries is not None:
+        _plan_adapter(f"adapter {adapter_id!r} ({weights_path})", spec, config, entries, layers, max_rank, heads)
+
+
+@dataclass(frozen=True)
+class _PlannedLayer:
+    """Where one wrapped layer's factors are in an adapter's tensors, and its scale."""
+
+    module: str
+    a_key: str
+    b_key: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class _Plan:
+    layers: dict[str, _PlannedLayer]
+    """Wrapped layer name -> its factors."""
+    heads: dict[str, dict[str, str]]
+    """Wrapped head name -> key inside the module -> the adapter's tensor key (in the module's order)."""
+
+
+def _plan_adapter(
+    where: str,
+    spec: _LoraSpec,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    layers: Mapping[str, LayerShape],
+    max_rank: int,
+    heads: Mapping[str, HeadSpec] | None,
+) -> _Plan:
+    """Every rule on names, kinds, shapes and ranks: which tensor goes where, or why none fits.
+
+    ``tensors`` are tensors or :class:`TensorMeta` (only ``shape`` and ``dtype`` are looked at), so
+    the one set of rules serves a loaded adapter and a safetensors header alike.
+    """
+    pairs: dict[str, dict[str, str]] = {}
+    saved: dict[str, dict[str, Any]] = {}
+    saved_keys: dict[str, dict[str, str]] = {}
+    for key, tensor in tensors.items():
         if ".original_module." in key:  # a live PeftModel's state_dict(): the base module's own copy
             continue
-        head = split_head_key(key, heads) if heads and _KEY.match(key) is None else None
+        match = _KEY.match(key)
+        head = split_head_key(key, heads) if heads and match is None else None
         if head is not None:
             saved.setdefault(head[0], {})[head[1]] = tensor
+            saved_keys.setdefault(head[0], {})[head[1]] = key
             continue
-        if _KEY.match(key) is None and _listed_copy(key, raw.config.get("modules_to_save")):
+        if match is None and _listed_copy(key, config.get("modules_to_save")):
             raise UnsupportedAdapterError(
                 f"{where}: tensor {key!r} belongs to a module the adapter saves whole (`modules_to_save`="
-                f"{raw.config.get('modules_to_save')!r}) that the model does not wrap as a head (wrapped heads: "
+                f"{config.get('modules_to_save')!r}) that the model does not wrap as a head (wrapped heads: "
                 f"{sorted(heads or ())}); name it in WrapConfig(modules_to_save=[...])"
             )
-        module, part = _split_key(where, key, heads)
-        pairs.setdefault(module, {})[part] = tensor
+        module, part = _split_key(where, key, heads, match)
+        pairs.setdefault(module, {})[part] = key
     if not pairs and not saved:
         raise AdapterFormatError(f"{where}: the weights hold no LoRA tensors")
-    head_tensors = {name: check_head(where, name, heads[name], t) for name, t in saved.items()} if heads else {}
+    head_keys: dict[str, dict[str, str]] = {}
+    if heads:
+        for name, parts_of_head in saved.items():
+            check_head_layout(where, name, heads[name], parts_of_head)
+            head_keys[name] = {k: saved_keys[name][k] for k in heads[name].shapes}
 
     resolver = _NameResolver(layers)
-    found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    found: dict[str, _PlannedLayer] = {}
     for module, parts in pairs.items():
         missing = {"lora_A", "lora_B"} - parts.keys()
         if missing:
             raise AdapterFormatError(f"{where}: module {module!r} has no {sorted(missing)[0]} weight")
         layer_name = resolver.resolve(where, module)
         shape = layers[layer_name]
-        a, b = parts["lora_A"], parts["lora_B"]
+        a, b = tensors[parts["lora_A"]], tensors[parts["lora_B"]]
         _check_kind(where, f"{module}.lora_A", a)
         _check_kind(where, f"{module}.lora_B", b)
         rank = int(a.shape[0])
@@ -640,14 +794,8 @@ def validate_adapter(
             )
         if layer_name in found:
             raise AdapterFormatError(f"{where}: two sets of weights map to layer {layer_name!r}")
-        if a.requires_grad or b.requires_grad:  # a state dict taken from a model being trained
-            a, b = a.detach(), b.detach()
-        found[layer_name] = (a, b, spec.scale_for(module, rank))
-    _check_fan_in_fan_out(where, spec.fan_in_fan_out, [layers[n] for n in found])
-    packed_dtype = _packed_dtype(raw)
-    whole = raw.buffer.view(packed_dtype) if raw.buffer is not None and packed_dtype is not None else None
-    _check_finite(where, whole, {**pairs, **head_tensors})
-    return _pack(adapter_id, raw, found, dtype, pin_memory, packed_dtype, head_tensors)
+        found[layer_name] = _PlannedLayer(module, parts["lora_A"], parts["lora_B"], spec.scale_for(module, rank))
+    return _Plan(found, head_keys)
 
 
 def _listed_copy(key: str, listed: object) -> bool:
@@ -658,7 +806,7 @@ def _listed_copy(key: str, listed: object) -> bool:
     return any(name in parts[:-1] for name in listed if isinstance(name, str))
 
 
-def _transposed_hint(a: torch.Tensor, b: torch.Tensor, shape: LayerShape) -> str:
+def _transposed_hint(a: torch.Tensor | TensorMeta, b: torch.Tensor | TensorMeta, shape: LayerShape) -> str:
     """A hint for factors saved transposed (``[in, r]`` / ``[r, out]``), e.g. in a Conv1D's weight layout."""
     if a.shape[0] == shape.in_features and b.shape[1] == shape.out_features and a.shape[1] == b.shape[0]:
         return (
@@ -721,6 +869,27 @@ def validate_weights(
         AdapterFormatError: a layer, shape, rank, scale or value that does not fit (names the layer).
     """
     where = f"adapter {adapter_id!r} ({weights.origin})"
+    pairs = _check_weights_layout(where, weights, layers, max_rank, heads)
+    _check_finite(where, _backing_storage(weights), pairs)
+    packed = pack_weights(weights, pin_memory=pin_memory, dtype=dtype)
+    # Hand-built weights that already fit come back as they are: give them this id and a true size.
+    nbytes = sum(t.numel() for parts in pairs.values() for t in parts.values()) * dtype.itemsize
+    if packed.adapter_id != adapter_id or packed.nbytes != nbytes:
+        packed = dataclasses.replace(packed, adapter_id=adapter_id, nbytes=nbytes)
+    return packed
+
+
+def _check_weights_layout(
+    where: str,
+    weights: AdapterWeights,
+    layers: Mapping[str, LayerShape],
+    max_rank: int,
+    heads: Mapping[str, HeadSpec] | None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`validate_weights`' rules on layers, shapes, ranks and scales (values not looked at).
+
+    Returns every tensor by layer or head name, for the finite check.
+    """
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, lora in weights.layers.items():
         shape = layers.get(name)
@@ -746,13 +915,7 @@ def validate_weights(
         pairs[name] = check_head(where, name, spec, tensors)
     if not weights.layers and not weights.heads:
         raise AdapterFormatError(f"{where}: the weights hold no layers")
-    _check_finite(where, _backing_storage(weights), pairs)
-    packed = pack_weights(weights, pin_memory=pin_memory, dtype=dtype)
-    # Hand-built weights that already fit come back as they are: give them this id and a true size.
-    nbytes = sum(t.numel() for parts in pairs.values() for t in parts.values()) * dtype.itemsize
-    if packed.adapter_id != adapter_id or packed.nbytes != nbytes:
-        packed = dataclasses.replace(packed, adapter_id=adapter_id, nbytes=nbytes)
-    return packed
+    return pairs
 
 
 def _backing_storage(weights: AdapterWeights) -> torch.Tensor | None:
@@ -869,7 +1032,13 @@ def pack_weights(weights: AdapterWeights, *, pin_memory: bool, dtype: torch.dtyp
     return AdapterWeights(weights.adapter_id, layers, weights.origin, nbytes=nbytes, storage=storage, heads=heads)
 
 
-def _split_key(where: str, key: str, heads: Mapping[str, HeadSpec] | None = None) -> tuple[str, str]:
+_LORA_B_BIAS = re.compile(r"\.lora_B(\.[^.]+)?\.bias$")
+
+
+def _split_key(
+    where: str, key: str, heads: Mapping[str, HeadSpec] | None = None, match: re.Match[str] | None = None
+) -> tuple[str, str]:
+    """``(module path, "lora_A" | "lora_B")`` of a LoRA tensor key; ``match``: ``_KEY.match(key)`` if known."""
     if "lora_magnitude_vector" in key:
         raise UnsupportedAdapterError(f"{where}: DoRA weights are not supported (tensor {key!r})")
     if "modules_to_save" in key:
@@ -880,9 +1049,9 @@ def _split_key(where: str, key: str, heads: Mapping[str, HeadSpec] | None = None
         )
     if "lora_embedding_" in key:
         raise UnsupportedAdapterError(f"{where}: LoRA on embedding layers is not supported (tensor {key!r})")
-    if re.search(r"\.lora_B(\.[^.]+)?\.bias$", key):
+    if match is None and _LORA_B_BIAS.search(key):  # (a key that matches _KEY ends in ".weight")
         raise UnsupportedAdapterError(f"{where}: LoRA bias is not supported (tensor {key!r})")
-    match = _KEY.match(key)
+    match = match or _KEY.match(key)
     if match is None:
         raise AdapterFormatError(
             f"{where}: tensor {key!r} is not a LoRA weight (expected '...lora_A.weight') nor a tensor of a "
@@ -895,11 +1064,11 @@ def _split_key(where: str, key: str, heads: Mapping[str, HeadSpec] | None = None
     return module, match["part"]
 
 
-def _check_kind(where: str, name: str, tensor: torch.Tensor) -> None:
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+def _check_kind(where: str, name: str, tensor: torch.Tensor | TensorMeta) -> None:
+    if not isinstance(tensor, (torch.Tensor, TensorMeta)) or len(tensor.shape) != 2:
+        shape = tuple(tensor.shape) if isinstance(tensor, (torch.Tensor, TensorMeta)) else type(tensor).__name__
         raise AdapterFormatError(f"{where}: {name} must be a 2-D tensor, got {shape}")
-    if not tensor.is_floating_point():
+    if not tensor.dtype.is_floating_point:
         raise AdapterFormatError(f"{where}: {name} must be floating point, got {tensor.dtype}")
 
 
@@ -938,7 +1107,12 @@ class _LoraSpec:
     fan_in_fan_out: bool = False
 
     @classmethod
-    def parse(cls, where: str, config: Mapping[str, Any]) -> _LoraSpec:
+    def parse(cls, where: str, config: Mapping[str, Any], *, warn_unknown: bool = True) -> _LoraSpec:
+        """The config's LoRA settings; refuses unsupported features and malformed fields.
+
+        ``warn_unknown``: warn (once per set of keys) about keys PEFT's ``LoraConfig`` does not
+        have; that needs PEFT imported (seconds), which a registration-time check avoids.
+        """
         raw_type = config.get("peft_type", "LORA")
         peft_type = str(getattr(raw_type, "value", raw_type))  # an enum when taken from a live PeftModel
         if peft_type.upper() != "LORA":
@@ -950,7 +1124,7 @@ class _LoraSpec:
         bias = config.get("bias", "none")
         if bias != "none":
             raise UnsupportedAdapterError(f"{where}: field `bias`={bias!r}: LoRA bias is not supported")
-        unknown = frozenset(config) - _lora_config_keys()
+        unknown = frozenset(config) - _lora_config_keys() if warn_unknown else frozenset()
         if unknown and unknown not in _warned_unknown_keys:
             _warned_unknown_keys.add(unknown)
             warnings.warn(

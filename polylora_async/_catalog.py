@@ -1,7 +1,10 @@
 """The adapter catalog: which adapters exist, in which version, and where their weights come from.
 
 Identity only. The catalog hands out immutable :class:`AdapterRef` objects (adapter id + version +
-source); it never validates or places tensors (that is the store's tiers' job). Versions make
+source); it never reads, validates or places tensors itself (that is the store's job). The store
+gives it a ``check`` that refuses a source at registration when its config or tensor metadata
+already show it cannot serve (:func:`._adapters.check_source`), so a bad adapter never becomes a
+version. Versions make
 replacement safe: registering an id again creates a new version, requests that hold a ref to the
 old one keep it (and its weights) until they release it, and new resolutions get the new one.
 
@@ -25,6 +28,9 @@ from ._errors import AdapterLoadError, AdapterNotFoundError, PolyLoraError, Stor
 
 AdapterKey = tuple[str, int]
 """``(adapter_id, version)``: what every tier keys its placements by."""
+
+SourceCheck = Callable[[str, Path | RawAdapter | AdapterWeights], None]
+"""``check(adapter_id, source)``: raises when a normalized source must not be registered."""
 
 Resolver = Callable[[str], Awaitable[Any]]
 """``async def resolver(adapter_id) -> source | None``: finds adapters nobody registered up front.
@@ -185,6 +191,10 @@ class AdapterCatalog:
             ``"resolved"``) until unregistered.
         on_version_dead: called (synchronously, on the loop) with each version that stops being
             alive: no longer current and no longer referenced.
+        check: called with every normalized source before it becomes a version, registered or
+            resolved; what it raises propagates (from :meth:`register`, or to the callers of
+            :meth:`resolve` waiting for that id) and nothing is registered. It may read files: for
+            a resolver's answer it runs in a worker thread.
     """
 
     def __init__(
@@ -192,9 +202,11 @@ class AdapterCatalog:
         resolver: Resolver | None = None,
         *,
         on_version_dead: Callable[[AdapterRef], None] | None = None,
+        check: SourceCheck | None = None,
     ) -> None:
         self._resolver = resolver
         self._on_version_dead = on_version_dead
+        self._check = check
         self._current: dict[str, AdapterRef] = {}
         self._live: dict[AdapterKey, AdapterRef] = {}
         self._refcounts: dict[AdapterKey, int] = {}
@@ -227,11 +239,22 @@ class AdapterCatalog:
         Raises:
             StoreClosedError: the catalog was closed.
             ValueError, TypeError: a bad id or source (see :func:`normalize_source`).
+            AdapterLoadError, AdapterFormatError, UnsupportedAdapterError: the catalog's ``check``
+                refused the source (nothing is registered; a previous version stays current).
         """
         self._check_open()
         check_adapter_id(adapter_id)
-        kind, normalized = normalize_source(adapter_id, source, peft_adapter_name)
+        kind, normalized = self._normalize(adapter_id, source, peft_adapter_name)
         return self._add(adapter_id, kind, normalized, origin)
+
+    def _normalize(
+        self, adapter_id: str, source: Any, peft_adapter_name: str | None = None
+    ) -> tuple[SourceKind, Path | RawAdapter | AdapterWeights]:
+        """:func:`normalize_source`, then the catalog's ``check``."""
+        kind, normalized = normalize_source(adapter_id, source, peft_adapter_name)
+        if self._check is not None:
+            self._check(adapter_id, normalized)
+        return kind, normalized
 
     def _add(
         self, adapter_id: str, kind: SourceKind, source: Path | RawAdapter | AdapterWeights, origin: Origin
@@ -290,6 +313,8 @@ class AdapterCatalog:
         Raises:
             AdapterNotFoundError: unknown id (no resolver, or the resolver returned ``None``).
             AdapterLoadError: the resolver raised (the cause is chained); a later call tries again.
+            AdapterLoadError, AdapterFormatError, UnsupportedAdapterError: the catalog's ``check``
+                refused the resolver's answer; it is not registered, so a later call asks again.
             StoreClosedError: the catalog was closed (also for callers waiting when it closes).
         """
         if adapter_id == BASE_ADAPTER:
@@ -347,11 +372,12 @@ class AdapterCatalog:
         existing = self._current.get(adapter_id)
         if existing is not None:  # registered explicitly while the resolver ran: that one wins
             return existing
-        if hasattr(source, "peft_config"):
-            # Snapshotting a PeftModel copies tensors (maybe from a GPU): not on the event loop.
-            kind, normalized = await asyncio.to_thread(normalize_source, adapter_id, source)
+        if hasattr(source, "peft_config") or (self._check is not None and isinstance(source, (str, os.PathLike))):
+            # Snapshotting a PeftModel copies tensors (maybe from a GPU), and checking a directory
+            # reads its config and safetensors header: not on the event loop.
+            kind, normalized = await asyncio.to_thread(self._normalize, adapter_id, source)
         else:
-            kind, normalized = normalize_source(adapter_id, source)
+            kind, normalized = self._normalize(adapter_id, source)
         self._check_open()
         existing = self._current.get(adapter_id)
         if existing is not None:

@@ -94,13 +94,24 @@ def split_head_key(key: str, heads: Mapping[str, HeadSpec]) -> tuple[str, str] |
     return None
 
 
-def check_head(
-    where: str, head: str, spec: HeadSpec, tensors: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Check one adapter's copy of a wrapped head against the model's module.
+def check_head(where: str, head: str, spec: HeadSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Check one adapter's copy of a wrapped head against the model's module (:func:`check_head_layout`).
 
-    Returns the tensors (detached). Every state-dict key of the module must be present, no other;
-    shapes must be equal except dim 0 of :attr:`HeadSpec.output_keys`, which must agree.
+    Returns the tensors (detached), in the module's order.
+
+    Raises:
+        AdapterFormatError: a key is missing or unknown, a shape or dtype does not fit.
+    """
+    check_head_layout(where, head, spec, tensors)
+    return {key: tensors[key].detach() for key in spec.shapes}
+
+
+def check_head_layout(where: str, head: str, spec: HeadSpec, tensors: Mapping[str, Any]) -> None:
+    """The rules for a copy of a wrapped head, on anything with a ``shape`` and a torch ``dtype``.
+
+    Tensors, or their safetensors header entries: every state-dict key of the module must be
+    present, no other; each must be floating point; shapes must be equal except dim 0 of
+    :attr:`HeadSpec.output_keys`, which must agree.
 
     Raises:
         AdapterFormatError: a key is missing or unknown, a shape or dtype does not fit.
@@ -113,11 +124,11 @@ def check_head(
             f"missing tensors {missing[:5]}, unknown tensors {extra[:5]} (the module has {sorted(spec.shapes)[:8]})"
         )
     widths: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
     for key, expected in spec.shapes.items():
         tensor = tensors[key]
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        dtype = getattr(tensor, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            kind = dtype if isinstance(dtype, torch.dtype) else type(tensor).__name__
             raise AdapterFormatError(f"{where}: {head}.{key} must be a floating-point tensor, got {kind}")
         shape = tuple(tensor.shape)
         fits = shape == expected
@@ -130,13 +141,11 @@ def check_head(
             )
         if key in spec.output_keys:
             widths.add(shape[0])
-        out[key] = tensor.detach()
     if len(widths) > 1:
         raise AdapterFormatError(
             f"{where}: module {head!r} has output tensors of different sizes {sorted(widths)} "
             f"({sorted(spec.output_keys)})"
         )
-    return out
 
 
 def head_width(spec: HeadSpec, tensors: Mapping[str, torch.Tensor]) -> int | None:

@@ -225,7 +225,9 @@ class Runtime:
         resolver: ``async def resolver(adapter_id) -> source | None`` for ids not registered up
             front: a PEFT directory, a PeftModel or a ``(state_dict, config)`` tuple; ``None``
             means unknown (:class:`AdapterNotFoundError`), a raising resolver fails that request
-            with :class:`AdapterLoadError`. Resolved directories are copied into the disk cache
+            with :class:`AdapterLoadError`. An answer gets the check :meth:`register_adapter`
+            makes; one it refuses fails that request with the same typed error and is not
+            registered (the next request asks again). Resolved directories are copied into the disk cache
             when one is configured, so a catalog far larger than memory can be fetched on demand.
 
     The runtime puts ``model`` in evaluation mode (``model.eval()``): rows must not depend on
@@ -375,9 +377,20 @@ class Runtime:
         """Make an adapter servable (a PEFT directory, a PeftModel, or a (state_dict, config) tuple).
 
         Registering an id again replaces it: requests already submitted finish on the old version.
+        The source is checked now against the wrapped model without reading tensor data (a
+        directory's ``adapter_config.json`` and safetensors header; an in-memory source's config
+        and shapes; see :meth:`AdapterStore.register`): what that shows to be unusable is refused
+        here, and nothing is registered (a previous version keeps serving). Values (NaN/Inf) are
+        checked when the first request loads it.
 
         Raises:
             InputValidationError: ``adapter_id`` is not a non-empty string.
+            AdapterLoadError: the directory, its ``adapter_config.json`` or its weights file is
+                missing, unreadable or truncated.
+            UnsupportedAdapterError: a PEFT feature not served (a ``peft_type`` other than LORA,
+                DoRA, LoRA bias, ...).
+            AdapterFormatError: a module that is not wrapped, a shape that does not fit its layer,
+                a rank above ``max_rank`` or other than the config's.
             RuntimeClosedError: the runtime is closing or closed.
         """
         self._check_not_closed()

@@ -51,6 +51,7 @@ from ._adapters import (
     SAFETENSORS_FILE,
     AdapterWeights,
     RawAdapter,
+    check_source,
     read_peft_directory,
 )
 from ._catalog import BASE_REF, AdapterCatalog, AdapterKey, AdapterRef, Resolver, SharedCall, check_adapter_id
@@ -396,7 +397,10 @@ class AdapterStore:
         self._metrics = metrics
         self._clock = clock
         self._pin = config.pin_memory if config.pin_memory is not None else model.device.type == "cuda"
-        self.catalog = AdapterCatalog(resolver, on_version_dead=self._on_version_dead)
+        # What registration checks a source against (the wrapped layers and heads never change).
+        self._layer_shapes = model.layer_shapes()
+        self._head_specs = model.head_specs()
+        self.catalog = AdapterCatalog(resolver, on_version_dead=self._on_version_dead, check=self._check_source)
         self._writer = SlotWriter(model)
         self._gpu = GpuSlots(model.config.num_slots, config.min_residency_s, clock)
         self._cpu = CpuTier(config.cpu_bytes, demand_of=self._demand_of)
@@ -431,11 +435,30 @@ class AdapterStore:
     def register(self, adapter_id: str, source: Any, *, peft_adapter_name: str | None = None) -> AdapterRef:
         """Register (or replace with a new version) an adapter; returns the new current ref (not acquired).
 
-        See :meth:`AdapterCatalog.register` for the accepted sources. Nothing is read yet: a bad
-        directory fails the first load of the version, with an :class:`AdapterLoadError`.
+        See :meth:`AdapterCatalog.register` for the accepted sources. The source is checked now
+        against the wrapped model, without reading tensor data: for a directory, its
+        ``adapter_config.json`` and its safetensors header (a few KB, read on the calling thread);
+        for an in-memory source, its config and tensor shapes. What that shows to be unusable is
+        refused here, with the error a load would raise; the values themselves (NaN/Inf, data that
+        does not match a valid header) are checked at the version's first load, which re-checks
+        everything. A refused source registers nothing: a previous version stays current.
+        Adapters a resolver returns get the same check (see :meth:`resolve`).
+
+        Raises:
+            AdapterLoadError: the directory, its ``adapter_config.json`` or its weights file is
+                missing, unreadable or truncated.
+            UnsupportedAdapterError: a PEFT feature this runtime does not serve (DoRA, LoRA bias, a
+                ``peft_type`` other than LORA, ...).
+            AdapterFormatError: a field, module, shape or rank that does not fit the wrapped model
+                (a module that is not wrapped, a rank above ``max_rank``, config and weights disagreeing).
+            StoreClosedError: the store is closed.
+            ValueError, TypeError: a bad id or source type.
         """
         self._check_open()
         return self.catalog.register(adapter_id, source, peft_adapter_name=peft_adapter_name)
+
+    def _check_source(self, adapter_id: str, source: Path | RawAdapter | AdapterWeights) -> None:
+        check_source(adapter_id, source, self._layer_shapes, self.model.config.max_rank, self._head_specs)
 
     def unregister(self, adapter_id: str) -> None:
         """Forget an id; refs already resolved keep their version (and its placements) until released.
@@ -455,9 +478,13 @@ class AdapterStore:
 
         :data:`BASE_ADAPTER` gives the base ref (slot 0; releasing it is a no-op).
 
+        An adapter the resolver returns is checked as :meth:`register` checks it before it is
+        registered; a refused one is not registered (the next resolution asks the resolver again).
+
         Raises:
             AdapterNotFoundError: unknown id (and the resolver, if any, does not know it).
-            AdapterLoadError: the resolver failed.
+            AdapterLoadError: the resolver failed, or its answer is unreadable (see :meth:`register`).
+            AdapterFormatError, UnsupportedAdapterError: the resolver's answer does not fit the model.
             StoreClosedError: the store is closed.
         """
         self._check_open()

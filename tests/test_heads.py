@@ -180,32 +180,32 @@ def _variant(cset: ClassifierSet, tmp_path: Path, edit: object) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    ("edit", "error", "needles"),
-    [
-        (lambda t: t.pop("base_model.model.classifier.bias"), AdapterFormatError, ["'classifier'", "missing", "bias"]),
-        (
-            lambda t: t.__setitem__("base_model.model.classifier.extra", torch.zeros(3)),
-            AdapterFormatError,
-            ["'classifier'", "unknown", "extra"],
-        ),
-        (
-            lambda t: t.__setitem__("base_model.model.classifier.weight", torch.zeros(3, 31)),
-            AdapterFormatError,
-            ["'classifier'", "'weight'", "(3, 31)", "(3, 32)"],
-        ),
-        (
-            lambda t: t.__setitem__("base_model.model.classifier.bias", torch.zeros(4)),
-            AdapterFormatError,
-            ["'classifier'", "different sizes", "[3, 4]"],
-        ),
-        (
-            lambda t: t.__setitem__("base_model.model.classifier.weight", torch.full((3, 32), math.nan)),
-            AdapterFormatError,
-            ["classifier.weight", "NaN"],
-        ),
-    ],
-)
+_BAD_HEADS = [
+    (lambda t: t.pop("base_model.model.classifier.bias"), AdapterFormatError, ["'classifier'", "missing", "bias"]),
+    (
+        lambda t: t.__setitem__("base_model.model.classifier.extra", torch.zeros(3)),
+        AdapterFormatError,
+        ["'classifier'", "unknown", "extra"],
+    ),
+    (
+        lambda t: t.__setitem__("base_model.model.classifier.weight", torch.zeros(3, 31)),
+        AdapterFormatError,
+        ["'classifier'", "'weight'", "(3, 31)", "(3, 32)"],
+    ),
+    (
+        lambda t: t.__setitem__("base_model.model.classifier.bias", torch.zeros(4)),
+        AdapterFormatError,
+        ["'classifier'", "different sizes", "[3, 4]"],
+    ),
+    (
+        lambda t: t.__setitem__("base_model.model.classifier.weight", torch.full((3, 32), math.nan)),
+        AdapterFormatError,
+        ["classifier.weight", "NaN"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("edit", "error", "needles"), _BAD_HEADS)
 def test_heads_that_do_not_fit_are_refused(
     bert: ClassifierSet, tmp_path: Path, edit: object, error: type[Exception], needles: list[str]
 ) -> None:
@@ -216,6 +216,20 @@ def test_heads_that_do_not_fit_are_refused(
     for needle in ("'bad'", *needles):
         assert needle in str(info.value), f"{needle!r} not in {info.value}"
     assert model.loaded_adapters == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("edit", "error", "needles"), _BAD_HEADS[:-1])  # the last one is in the values
+async def test_heads_that_do_not_fit_are_refused_at_registration(
+    bert: ClassifierSet, tmp_path: Path, edit: object, error: type[Exception], needles: list[str]
+) -> None:
+    path = _variant(bert, tmp_path, edit)
+    async with asyncio.timeout(30), AdapterStore(_fresh(bert)) as store:
+        with pytest.raises(error) as info:
+            store.register("bad", path)
+        for needle in ("'bad'", "adapter_model.safetensors", *needles):
+            assert needle in str(info.value), f"{needle!r} not in {info.value}"
+        assert store.adapter_ids() == []
 
 
 def test_a_saved_module_the_model_does_not_wrap_is_refused(bert: ClassifierSet) -> None:

@@ -4,6 +4,7 @@ bad requests that fail alone, and typed errors from every public method."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import types
@@ -17,6 +18,7 @@ import torch
 import polylora_async
 from polylora_async import (
     BASE_ADAPTER,
+    AdapterFormatError,
     BatchFailedError,
     InputValidationError,
     MultiLoraModel,
@@ -25,6 +27,7 @@ from polylora_async import (
     Runtime,
     RuntimeClosedError,
     RuntimeConfig,
+    UnsupportedAdapterError,
     WorkerCrashedError,
     WrapConfig,
 )
@@ -289,6 +292,48 @@ async def test_prefetch_after_close_raises_and_leaves_no_task(tmp_path: Path) ->
             await runtime.submit({"input_ids": _ids(3, 0)})
         with pytest.raises(RuntimeClosedError):
             runtime.submit_nowait({"input_ids": _ids(3, 0)})
+
+
+# -- adapters refused at registration ------------------------------------------------------------
+
+
+def _with_config(path: Path, **changes: Any) -> Path:
+    config_path = path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **changes}))
+    return path
+
+
+async def test_register_adapter_refuses_a_bad_directory_at_once(tmp_path: Path) -> None:
+    good = write_adapter(tmp_path, "good", seed=1)
+    dora = _with_config(write_adapter(tmp_path, "dora", seed=2), use_dora=True)
+    wide = write_adapter(tmp_path, "wide", seed=3, rank=16)  # the runtime's max_rank is 8
+    runtime, tiny = _runtime()
+    async with asyncio.timeout(30), runtime:
+        runtime.register_adapter("a", good)
+        # A refused replacement leaves the registered version serving.
+        with pytest.raises(UnsupportedAdapterError, match=r"adapter 'a' \(.*adapter_config\.json\): field `use_dora`"):
+            runtime.register_adapter("a", dora)
+        with pytest.raises(AdapterFormatError, match=r"adapter 'w' .*module '(up|down)' has rank 16, above .*=8"):
+            runtime.register_adapter("w", wide)
+        assert runtime.store.adapter_ids() == ["a"]
+        _check(await runtime.submit({"input_ids": _ids(4, 0)}, "a"), tiny, good, _ids(4, 0))
+
+
+async def test_a_resolved_adapter_refused_by_the_check_fails_its_request_typed(tmp_path: Path) -> None:
+    bad = _with_config(write_adapter(tmp_path, "biased", seed=1), bias="all")
+    good = write_adapter(tmp_path, "good", seed=2)
+
+    async def resolver(adapter_id: str) -> Path | None:
+        return {"biased": bad, "good": good}.get(adapter_id)
+
+    tiny = TinyModel()
+    runtime = Runtime(MultiLoraModel(tiny, WrapConfig(TARGETS, max_rank=8, num_slots=4)), resolver=resolver)
+    async with asyncio.timeout(30), runtime:
+        with pytest.raises(UnsupportedAdapterError, match=r"adapter 'biased' .*field `bias`='all'"):
+            await runtime.submit({"input_ids": _ids(3, 0)}, "biased")
+        _check(await runtime.submit({"input_ids": _ids(3, 1)}, "good"), tiny, good, _ids(3, 1))
+        assert runtime.store.adapter_ids() == ["good"]
+        assert runtime.statistics().store.load_failures == 0  # refused before any load was tried
 
 
 # -- isolation ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import copy
 import json
 import random
 import shutil
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from polylora_async import (
     MultiLoraModel,
     RawAdapter,
     SlotsFullError,
+    UnsupportedAdapterError,
     WrapConfig,
 )
 from polylora_async._catalog import AdapterRef
@@ -401,10 +403,10 @@ async def test_failed_load_fails_only_its_waiters_and_is_retried(tmp_path: Path)
     bad_dir = bad.write(tmp_path / "bad")
     weights_file = bad_dir / "adapter_model.safetensors"
     intact = weights_file.read_bytes()
-    weights_file.write_bytes(intact[: len(intact) // 3])  # truncated
     async with AdapterStore(model, StoreConfig(min_residency_s=0.0)) as store:
         g = store.register("good", good.write(tmp_path / "good"))
         b = store.register("bad", bad_dir)
+        weights_file.write_bytes(intact[: len(intact) // 3])  # truncated after registration (which checks it)
         results = await asyncio.gather(
             *(store.ensure_gpu(r) for r in (b, g, b, g, b)), return_exceptions=True
         )
@@ -434,16 +436,176 @@ def base_ref(store: AdapterStore) -> AdapterRef:
 async def test_invalid_adapters_fail_with_format_errors(tmp_path: Path) -> None:
     model = Tiny().wrap(max_rank=4)
     async with AdapterStore(model) as store:
-        too_big = store.register("big", make_lora(0, rank=8).write(tmp_path / "big"))
         with pytest.raises(AdapterFormatError, match="max_rank=4"):
-            await store.ensure_gpu(too_big)
+            store.register("big", make_lora(0, rank=8).write(tmp_path / "big"))
         foreign = AdapterWeights("f", {"other.layer": LayerLora(torch.ones(1, 3), torch.ones(3, 1), 1.0)}, "elsewhere")
         with pytest.raises(AdapterFormatError, match=r"'other\.layer' is not a wrapped layer"):
-            await store.ensure_gpu(store.register("foreign", foreign))
-        missing = store.register("missing", tmp_path / "does-not-exist")
+            store.register("foreign", foreign)
         with pytest.raises(AdapterLoadError, match="is not a directory"):
-            await store.ensure_gpu(missing)
-        assert store.statistics().load_failures == 3 and store.statistics().gpu.resident == 0
+            store.register("missing", tmp_path / "does-not-exist")
+        assert store.statistics().load_failures == 0 and store.adapter_ids() == []
+        # The load checks everything again: a directory that changed after registration is refused then.
+        changed = store.register("changed", make_lora(1, rank=2).write(tmp_path / "changed"))
+        make_lora(2, rank=8).write(tmp_path / "changed")
+        with pytest.raises(AdapterFormatError, match="max_rank=4"):
+            await store.ensure_gpu(changed)
+        assert store.statistics().load_failures == 1 and store.statistics().gpu.resident == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration refuses what the config and the safetensors header already show
+# ---------------------------------------------------------------------------------------------
+
+
+def peft_saved(path: Path, **lora: Any) -> Path:
+    """An adapter of ``Tiny``'s two layers, saved by PEFT's own ``save_pretrained`` (rank 2 by default)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    options: dict[str, Any] = {"r": 2, "lora_alpha": 4, "target_modules": list(TARGETS), "init_lora_weights": False}
+    peft_model = get_peft_model(copy.deepcopy(Tiny().base), LoraConfig(**{**options, **lora}))
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def edit_config(path: Path, **changes: Any) -> Path:
+    config_path = path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **changes}))
+    return path
+
+
+def edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    from safetensors.torch import load_file
+
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    edit(tensors)
+    save_file(tensors, str(weights))
+    return path
+
+
+def _delete(name: str) -> Callable[[Path], Path]:
+    def damage(path: Path) -> Path:
+        (path / name).unlink()
+        return path
+
+    return damage
+
+
+def _truncate(path: Path) -> Path:
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    return path
+
+
+def _narrow_a(tensors: dict[str, torch.Tensor]) -> None:
+    tensors["base_model.model.1.lora_A.weight"] = tensors["base_model.model.1.lora_A.weight"][:, :8].contiguous()
+
+
+_REFUSED: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] = [
+    ("no-directory", lambda p: p.parent / "does-not-exist", AdapterLoadError, ["does-not-exist", "is not a directory"]),
+    ("no-config", _delete("adapter_config.json"), AdapterLoadError, ["missing", "adapter_config.json"]),
+    ("no-weights", _delete("adapter_model.safetensors"), AdapterLoadError, ["no weights", "adapter_model.safetensors"]),
+    ("truncated", _truncate, AdapterLoadError, ["adapter_model.safetensors", "truncated"]),
+    ("not-lora", lambda p: edit_config(p, peft_type="LOHA"), UnsupportedAdapterError, ["`peft_type`", "'LOHA'"]),
+    ("dora", lambda p: edit_config(p, use_dora=True), UnsupportedAdapterError, ["`use_dora`", "DoRA"]),
+    ("bias", lambda p: edit_config(p, bias="all"), UnsupportedAdapterError, ["`bias`='all'", "adapter_config.json"]),
+    ("config-rank", lambda p: edit_config(p, r=3), AdapterFormatError, ["module '", "rank 2 in its weights but 3"]),
+    ("shape", lambda p: edit_tensors(p, _narrow_a), AdapterFormatError, ["1.lora_A", "(2, 8)", "[r, 16]"]),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("case", "damage", "error", "needles"), _REFUSED, ids=[c[0] for c in _REFUSED])
+async def test_registering_a_bad_directory_fails_at_once_naming_id_and_field(
+    tmp_path: Path, case: str, damage: Callable[[Path], Path], error: type[Exception], needles: list[str]
+) -> None:
+    path = damage(peft_saved(tmp_path / case))
+    async with asyncio.timeout(30), AdapterStore(Tiny().wrap(max_rank=4)) as store:
+        with pytest.raises(error) as refused:
+            store.register(f"bad-{case}", path)
+        assert type(refused.value) is error
+        message = str(refused.value)
+        for needle in [f"adapter 'bad-{case}'", *needles]:
+            assert needle in message, (needle, message)
+        assert f"bad-{case}" not in store.adapter_ids()  # nothing was registered
+        assert store.statistics().load_failures == 0  # refused before any load
+
+
+@pytest.mark.timeout(60)
+async def test_registration_refuses_ranks_above_max_rank_and_unwrapped_modules(tmp_path: Path) -> None:
+    wide = peft_saved(tmp_path / "r32", r=32, lora_alpha=32)
+    tiny = Tiny()
+    async with asyncio.timeout(30), AdapterStore(tiny.wrap(max_rank=16)) as store:
+        wide_error = r"adapter 'wide' .*adapter_model\.safetensors.*module '0' has rank 32, above .* max_rank=16"
+        with pytest.raises(AdapterFormatError, match=wide_error):
+            store.register("wide", wide)
+    only_first = MultiLoraModel(copy.deepcopy(tiny.base), WrapConfig(["0"], max_rank=4, num_slots=2))
+    async with asyncio.timeout(30), AdapterStore(only_first) as store:
+        with pytest.raises(AdapterFormatError, match=r"adapter 'both' .*module '1', which is not a wrapped layer"):
+            store.register("both", peft_saved(tmp_path / "both"))
+        assert store.adapter_ids() == []
+
+
+@pytest.mark.timeout(60)
+async def test_registration_reads_only_the_header_and_the_load_still_checks_the_data(tmp_path: Path) -> None:
+    """The boundary: a file whose header is valid but whose data is not registers; its first load fails."""
+    path = peft_saved(tmp_path / "nan")
+    weights = path / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    data = 8 + header_len
+    weights.write_bytes(raw[:data] + b"\xff" * (len(raw) - data))  # every float is a NaN; sizes unchanged
+    legacy = peft_saved(tmp_path / "bin")  # only adapter_model.bin: accepted, as the loader accepts it
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(legacy / "adapter_model.safetensors")), str(legacy / "adapter_model.bin"))
+    (legacy / "adapter_model.safetensors").unlink()
+    async with asyncio.timeout(30), AdapterStore(Tiny().wrap(max_rank=4)) as store:
+        ref = store.register("nan", path)
+        assert store.adapter_ids() == ["nan"]
+        with pytest.raises(AdapterFormatError, match=r"adapter 'nan'.*NaN/Inf"):
+            await store.ensure_gpu(ref)
+        assert store.statistics().load_failures == 1
+        await store.ensure_gpu(store.register("legacy", legacy))
+
+
+@pytest.mark.timeout(60)
+async def test_registration_checks_in_memory_sources_too(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    tiny = Tiny()
+    lora = make_lora(1, rank=2)
+    async with asyncio.timeout(30), AdapterStore(tiny.wrap(max_rank=4)) as store:
+        dora = RawAdapter(config={**lora.config(), "use_dora": True}, tensors=lora.state_dict(), origin="test")
+        with pytest.raises(UnsupportedAdapterError, match=r"adapter 'raw' \(test\): field `use_dora`=True"):
+            store.register("raw", dora)
+        big = make_lora(2, rank=8)
+        with pytest.raises(AdapterFormatError, match=r"adapter 'state'.*module '0' has rank 8, above .*max_rank=4"):
+            store.register("state", (big.state_dict(), big.config()))
+        foreign = AdapterWeights("f", {"other.layer": LayerLora(torch.ones(1, 3), torch.ones(3, 1), 1.0)}, "elsewhere")
+        with pytest.raises(AdapterFormatError, match=r"adapter 'weights'.*'other\.layer' is not a wrapped layer"):
+            store.register("weights", foreign)
+        biased = get_peft_model(copy.deepcopy(tiny.base), LoraConfig(r=2, target_modules=list(TARGETS), bias="all"))
+        with pytest.raises(UnsupportedAdapterError, match=r"adapter 'peft'.*field `bias`='all'"):
+            store.register("peft", biased)
+        assert store.adapter_ids() == [] and store.statistics().load_failures == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_resolved_adapter_gets_the_same_check_and_its_error_reaches_the_caller(tmp_path: Path) -> None:
+    bad = edit_config(peft_saved(tmp_path / "dora"), use_dora=True)
+    asked: list[str] = []
+
+    async def resolver(adapter_id: str) -> Path:
+        asked.append(adapter_id)
+        return bad
+
+    async with asyncio.timeout(30), AdapterStore(Tiny().wrap(max_rank=4), resolver=resolver) as store:
+        for _ in range(2):  # a refused answer is not kept: the next resolution asks again
+            with pytest.raises(UnsupportedAdapterError, match=r"adapter 'lazy'.*`use_dora`=True"):
+                await store.resolve("lazy")
+        assert asked == ["lazy", "lazy"] and store.adapter_ids() == []
 
 
 # ---------------------------------------------------------------------------------------------
