@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import inspect
 import json
 import math
 import random
@@ -220,19 +219,12 @@ class Soak:
         config = RuntimeConfig(max_batch_size=32, max_wait=0.001, max_queue=self.cfg.max_queue, shutdown=shutdown)  # type: ignore[arg-type]
         room = self.cfg.cpu_adapters * 4 * MAX_RANK * (HIDDEN + INNER) * 2 * 2
         store = StoreConfig(cpu_bytes=room, disk_dir=self.cache, disk_bytes=50 * room)
-        kwargs: dict[str, Any] = {"store_config": store}
-        if "resolver" in inspect.signature(Runtime).parameters:
-            kwargs["resolver"] = self.resolve
-            self.report.resolver = True
-        return Runtime(model, config, **kwargs)
+        self.report.resolver = True
+        return Runtime(model, config, store_config=store, resolver=self.resolve)
 
     def register(self, runtime: Runtime) -> None:
         for name in self.swapped:
             runtime.register_adapter(name, self.versions[name].path)
-        if not self.report.resolver:
-            for name in self.names:
-                runtime.register_adapter(name, self.versions[name].path)
-            runtime.register_adapter("corrupt", self.remote / "corrupt")
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -257,8 +249,6 @@ class Soak:
             if roll < total:
                 kind = name
                 break
-        if kind == "flaky" and not self.report.resolver:
-            kind = "normal"
         return kind, getattr(self, f"_{kind}")
 
     def check(self, kind: str, result: torch.Tensor, version: Version | None, ids: torch.Tensor) -> None:
