@@ -250,9 +250,9 @@ def measure_host(extra: dict[str, Callable[[Any], Callable[[], object]]] | None 
     """
     from types import SimpleNamespace
 
-    from polylora_async._adapters import LayerLora
     from polylora_async._batch import BatchContext, BatchState
     from polylora_async._layer import MultiLoraLinear
+    from polylora_async.adapters import LayerLora
 
     dev, rows, hidden, rank, slots = "cuda", 4, 64, 16, 5
     g = torch.Generator(device=dev).manual_seed(0)

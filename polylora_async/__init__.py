@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ._adapters import AdapterWeights, LayerLora, RawAdapter, read_peft_directory
 from ._config import BASE_ADAPTER, WrapConfig
 from ._errors import (
     AdapterFormatError,
@@ -30,6 +29,7 @@ from ._metrics import RuntimeMetrics
 from ._model import MultiLoraModel
 from ._runtime import Runtime, RuntimeConfig, RuntimeStatistics, StreamResult, default_select_output
 from ._store import AdapterStore, BatchLease, StoreConfig, StoreStatistics
+from .adapters import AdapterWeights, LayerLora, RawAdapter, read_peft_directory
 
 __version__ = "0.1.0"
 

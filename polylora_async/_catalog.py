@@ -3,7 +3,7 @@
 Identity only. The catalog hands out immutable :class:`AdapterRef` objects (adapter id + version +
 source); it never reads, validates or places tensors itself (that is the store's job). The store
 gives it a ``check`` that refuses a source at registration when its config or tensor metadata
-already show it cannot serve (:func:`._adapters.check_source`), so a bad adapter never becomes a
+already show it cannot serve (:func:`.adapters.check_source`), so a bad adapter never becomes a
 version. Versions make
 replacement safe: registering an id again creates a new version, requests that hold a ref to the
 old one keep it (and its weights) until they release it, and new resolutions get the new one.
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ._adapters import AdapterWeights, RawAdapter, raw_from_peft_model, raw_from_state_dict
 from ._config import BASE_ADAPTER
 from ._errors import AdapterLoadError, AdapterNotFoundError, PolyLoraError, StoreClosedError
+from .adapters import AdapterWeights, RawAdapter, raw_from_peft_model, raw_from_state_dict
 
 AdapterKey = tuple[str, int]
 """``(adapter_id, version)``: what every tier keys its placements by."""

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._adapters import LayerLora
 from ._batch import BatchContext, BatchState, MixedSharedInputError
+from .adapters import LayerLora
 from .kernels import lora_apply_trusted_
 
 

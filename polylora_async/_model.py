@@ -14,18 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._adapters import (
-    AdapterWeights,
-    LayerShape,
-    RawAdapter,
-    pack_weights,
-    raw_from_peft_model,
-    raw_from_state_dict,
-    read_peft_directory,
-    validate_adapter,
-    validate_weights,
-    view_at,
-)
 from ._batch import BatchContext, BatchState, MixedSharedInputError
 from ._config import BASE_ADAPTER, WrapConfig, check_adapter_id
 from ._errors import (
@@ -39,6 +27,18 @@ from ._errors import (
 from ._heads import HeadSpec, MultiLoraHead, find_heads, width_probe
 from ._layer import MultiLoraLinear, linear_features
 from ._patches import apply_patches
+from .adapters import (
+    AdapterWeights,
+    LayerShape,
+    RawAdapter,
+    pack_weights,
+    raw_from_peft_model,
+    raw_from_state_dict,
+    read_peft_directory,
+    validate_adapter,
+    validate_weights,
+    view_at,
+)
 from .kernels import build_batch_meta
 
 AdapterSource = str | os.PathLike[str] | RawAdapter | AdapterWeights

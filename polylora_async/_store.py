@@ -45,15 +45,6 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 
-from ._adapters import (
-    CONFIG_FILE,
-    PICKLE_FILE,
-    SAFETENSORS_FILE,
-    AdapterWeights,
-    RawAdapter,
-    check_source,
-    read_peft_directory,
-)
 from ._catalog import BASE_REF, AdapterCatalog, AdapterKey, AdapterRef, Resolver, SharedCall, check_adapter_id
 from ._cpu_tier import CpuTier, stage_weights
 from ._disk_tier import DiskCache, DiskStats, weights_to_raw
@@ -68,6 +59,15 @@ from ._errors import (
 )
 from ._gpu_tier import GpuSlot, GpuSlots, SlotState, SlotWriter
 from ._model import MultiLoraModel
+from .adapters import (
+    CONFIG_FILE,
+    PICKLE_FILE,
+    SAFETENSORS_FILE,
+    AdapterWeights,
+    RawAdapter,
+    check_source,
+    read_peft_directory,
+)
 
 logger = logging.getLogger("polylora_async")
 

@@ -372,7 +372,7 @@ def _handmade_safetensors(path: Path, header: object, data: bytes) -> Path:
 
 
 def test_reader_gives_what_the_safetensors_library_gives(tmp_path: Path) -> None:
-    from polylora_async._adapters import read_safetensors
+    from polylora_async.adapters import read_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -400,7 +400,7 @@ def test_reader_gives_what_the_safetensors_library_gives(tmp_path: Path) -> None
 
 
 def test_reader_copes_with_a_misaligned_tensor(tmp_path: Path) -> None:
-    from polylora_async._adapters import read_safetensors
+    from polylora_async.adapters import read_safetensors
 
     half = torch.tensor([1.5], dtype=torch.bfloat16)
     full = torch.tensor([3.25, -2.0])
@@ -435,7 +435,7 @@ def test_reader_copes_with_a_misaligned_tensor(tmp_path: Path) -> None:
     ],
 )
 def test_reader_refuses_broken_headers(tmp_path: Path, header: object, data: bytes, message: str) -> None:
-    from polylora_async._adapters import read_safetensors
+    from polylora_async.adapters import read_safetensors
 
     path = _handmade_safetensors(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(AdapterLoadError, match=message) as info:
@@ -444,7 +444,7 @@ def test_reader_refuses_broken_headers(tmp_path: Path, header: object, data: byt
 
 
 def test_reader_refuses_truncated_and_foreign_files(tmp_path: Path) -> None:
-    from polylora_async._adapters import read_safetensors
+    from polylora_async.adapters import read_safetensors
 
     short = tmp_path / "short.safetensors"
     short.write_bytes(b"\x01\x02")

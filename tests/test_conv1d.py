@@ -207,7 +207,7 @@ def test_fan_in_fan_out_false_on_conv1d_loads_as_peft_does(gpt2_set: tuple[Adapt
 
 
 def test_fan_in_fan_out_true_on_linear_layers_warns() -> None:
-    from polylora_async._adapters import LayerShape, RawAdapter, validate_adapter
+    from polylora_async.adapters import LayerShape, RawAdapter, validate_adapter
 
     raw = RawAdapter(
         config={"r": 2, "lora_alpha": 2, "fan_in_fan_out": True},

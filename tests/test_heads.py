@@ -25,7 +25,7 @@ from polylora_async import (
     UnsupportedAdapterError,
     WrapConfig,
 )
-from polylora_async._adapters import raw_from_peft_model
+from polylora_async.adapters import raw_from_peft_model
 from tests._classifiers import FAMILIES, ClassifierSet, padded, save_classifier_adapters, wrap
 
 LABELS = {"three": 3, "seven": 7, "three-b": 3}

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from polylora_async import AdapterLoadError
-from polylora_async._adapters import read_safetensors
+from polylora_async.adapters import read_safetensors
 
 Tensors = dict[str, torch.Tensor]
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from polylora_async import AdapterLoadError
-from polylora_async._adapters import AdapterWeights, LayerLora, LayerShape, RawAdapter, validate_adapter
 from polylora_async._cpu_tier import CpuTier, host_bytes, stage_weights
 from polylora_async._disk_tier import (
     ENTRIES_DIR,
@@ -24,6 +23,7 @@ from polylora_async._disk_tier import (
     weights_to_raw,
 )
 from polylora_async._gpu_tier import GpuSlots, SlotState, SlotWriter
+from polylora_async.adapters import AdapterWeights, LayerLora, LayerShape, RawAdapter, validate_adapter
 
 # ---------------------------------------------------------------------------------------------
 # helpers

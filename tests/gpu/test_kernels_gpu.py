@@ -311,9 +311,9 @@ def test_trusted_entry_runs_on_the_current_stream(name: str, gen: torch.Generato
 @pytest.mark.parametrize("x_dims", [3, 2])
 def test_multi_lora_linear_forward(x_dims: int, gen: torch.Generator) -> None:
     """The layer's per-row fast path (lora_apply_trusted_, x passed as it is) against the reference."""
-    from polylora_async._adapters import LayerLora
     from polylora_async._batch import BatchContext, BatchState
     from polylora_async._layer import MultiLoraLinear
+    from polylora_async.adapters import LayerLora
 
     dtype, rows, tokens, hidden, out_f, max_rank = torch.bfloat16, 6, 5 if x_dims == 3 else 1, 96, 80, 16
     ranks_host = (0, 16, 8, 4)
