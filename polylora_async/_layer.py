@@ -28,11 +28,13 @@ def conv1d_type() -> type[nn.Module] | None:
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a layer this package can wrap, else None.
 
-    Exact types only: a subclass may change the forward the LoRA delta is added to. ``nn.Linear``
-    stores its weight ``[out, in]``; ``Conv1D`` stores it ``[in, out]``.
+    ``nn.Linear`` and its subclasses (e.g. Falcon's ``FalconLinear``), as PEFT wraps them: the LoRA
+    delta is added to whatever the layer's own forward returns. Their weight must be floating point
+    (a quantized layer stores integers and is not served). ``nn.Linear`` stores its weight
+    ``[out, in]``; GPT-2's ``Conv1D`` (exactly that type) stores it ``[in, out]``.
     """
-    if type(module) is nn.Linear:
-        return module.in_features, module.out_features
+    if isinstance(module, nn.Linear):
+        return (module.in_features, module.out_features) if module.weight.is_floating_point() else None
     conv1d = conv1d_type()
     if conv1d is not None and type(module) is conv1d:
         weight = module.weight
@@ -80,7 +82,7 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.layer_name = name
         self.in_features, self.out_features = features
-        self.is_conv1d = type(base) is not nn.Linear
+        self.is_conv1d = not isinstance(base, nn.Linear)
         self.max_rank = max_rank
         self._state = state
         weight = base.weight

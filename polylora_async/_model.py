@@ -102,8 +102,8 @@ class MultiLoraModel(nn.Module):
         # the sole match for that pattern; PEFT reports the same condition.
         if wrong:
             raise TargetModulesError(
-                "`target_modules` matches modules that are not nn.Linear or transformers' Conv1D, so they "
-                "cannot be wrapped: " + ", ".join(f"{n} ({t})" for n, t in wrong[:5])
+                "`target_modules` matches modules that are not nn.Linear (with floating-point weights) or "
+                "transformers' Conv1D, so they cannot be wrapped: " + ", ".join(f"{n} ({t})" for n, t in wrong[:5])
             )
         slots = config.num_slots + 1
         for name, linear in matched:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from polylora_async import BASE_ADAPTER, MultiLoraModel, WrapConfig
-from tests._models import DEBERTA_TARGETS, LLAMA_TARGETS, AdapterSet, padded_batch
+from polylora_async import BASE_ADAPTER, MultiLoraModel, TargetModulesError, WrapConfig
+from tests._models import DEBERTA_TARGETS, LLAMA_TARGETS, AdapterSet, padded_batch, save_peft_adapters
 
 # fp32 end to end; the only differences from PEFT are summation order (fp32 accumulate everywhere).
 FP32_TOL = {"rtol": 2e-4, "atol": 2e-5}
@@ -130,3 +131,40 @@ def test_slot_tables_follow_device_moves_and_keep_their_dtypes(llama_set: Adapte
         ranks, scales = layer._slot_tables(layer.lora_a)
         assert ranks.dtype == torch.int32 and scales.dtype == torch.float32
         assert ranks.device == layer.lora_a.device
+
+
+def test_linear_subclasses_are_wrapped_as_peft_wraps_them(tmp_path: Path) -> None:
+    # Falcon's projections are FalconLinear, an nn.Linear subclass with its own forward.
+    from transformers import FalconConfig, FalconModel
+
+    torch.manual_seed(0)
+    config = FalconConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+        num_kv_heads=2, attention_dropout=0.0, hidden_dropout=0.0,
+    )  # fmt: skip
+    base = FalconModel(config).eval()
+    assert type(base.h[0].self_attention.query_key_value).__name__ == "FalconLinear"
+    targets = ["query_key_value", "dense_h_to_4h"]
+    specs: dict[str, dict[str, object]] = {n: {"r": r, "target_modules": targets} for n, r in (("a", 4), ("b", 2))}
+    adapters = save_peft_adapters(base, specs, tmp_path)
+    model = MultiLoraModel(copy.deepcopy(base), WrapConfig(targets, max_rank=4))
+    for name, path in adapters.paths.items():
+        model.load_adapter(name, path)
+    rows = ["a", "__base__", "b"]
+    ids, mask = padded_batch([5, 7, 3], seed=2)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, adapter_ids=rows).last_hidden_state
+    for i, (name, n) in enumerate(zip(rows, [5, 7, 3], strict=True)):
+        expected = adapters.solo(name, input_ids=ids[i : i + 1, :n])[0]
+        torch.testing.assert_close(out[i, :n], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quantized_linear_layers_are_refused_with_their_type() -> None:
+    class Int8Linear(torch.nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(8, 8)
+            self.weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+
+    model = torch.nn.Sequential(Int8Linear())
+    with pytest.raises(TargetModulesError, match=r"0 \(.*Int8Linear\)"):
+        MultiLoraModel(model, WrapConfig(["0"], max_rank=4))
