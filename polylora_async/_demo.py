@@ -33,7 +33,7 @@ from ._errors import TargetModulesError
 from ._exposition import MetricsServer, serve_metrics
 from ._layer import conv1d_type, linear_features
 from ._model import MultiLoraModel
-from ._runtime import Runtime, RuntimeConfig
+from .runtime import Runtime, RuntimeConfig
 from ._store import StoreConfig, StoreStatistics
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

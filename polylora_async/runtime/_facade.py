@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 import torch
 
-from ._catalog import Resolver
-from ._config import BASE_ADAPTER
-from ._errors import (
+from .._catalog import Resolver
+from .._config import BASE_ADAPTER
+from .._errors import (
     BatchFailedError,
     ConfigError,
     InputValidationError,
@@ -41,9 +41,9 @@ from ._errors import (
     StoreClosedError,
     WorkerCrashedError,
 )
-from ._metrics import RuntimeMetrics
-from ._model import MultiLoraModel
-from ._store import AdapterRef, AdapterStore, BatchLease, StoreConfig, StoreStatistics
+from .._metrics import RuntimeMetrics
+from .._model import MultiLoraModel
+from .._store import AdapterRef, AdapterStore, BatchLease, StoreConfig, StoreStatistics
 
 OutputSelector = Callable[[Any], torch.Tensor]
 _log = logging.getLogger("polylora_async")
