@@ -194,7 +194,7 @@ async def test_crashed_worker_fails_every_waiter(monkeypatch: pytest.MonkeyPatch
         def broken(*_args: object) -> None:
             raise MemoryError("simulated worker failure")
 
-        monkeypatch.setattr(runtime, "_collate", broken)
+        monkeypatch.setattr(runtime._worker, "_collate", broken)
         assert tiny.gate is not None
         tiny.gate.set()
         await first
@@ -286,17 +286,17 @@ async def test_a_cold_adapter_is_not_passed_over_beyond_the_starvation_limit(ada
             await load_gate.wait()
         return await ensure_gpu(ref, **kwargs)
 
-    form_batch = runtime._form_batch
+    form_batch = runtime._dispatcher._form_batch
 
     def watched_form_batch():  # type: ignore[no-untyped-def]
         batch = form_batch()
-        oldest = next(iter(runtime._pending.values()), None)
+        oldest = next(iter(runtime._dispatcher.pending.values()), None)
         if batch is None and oldest is not None and oldest.passed_over >= limit:
             starving.set()
         return batch
 
     runtime.store.ensure_gpu = gated_ensure_gpu  # type: ignore[method-assign]
-    runtime._form_batch = watched_form_batch  # type: ignore[method-assign]
+    runtime._dispatcher._form_batch = watched_form_batch  # type: ignore[method-assign]
     async with runtime:
         runtime.register_adapter("hot", adapters["ad1"])
         runtime.register_adapter("cold", adapters["ad2"])

@@ -54,18 +54,18 @@ def _check(out: torch.Tensor, tiny: TinyModel, adapter: Path | None, ids: torch.
 def _gate_wakeups(runtime: Runtime, when: Any) -> asyncio.Event:
     """An event set once the scheduler sleeps in a state ``when(runtime, timeout)`` accepts."""
     entered = asyncio.Event()
-    original = runtime._wait_wakeup
+    original = runtime._dispatcher._wait_wakeup
 
     async def wait(timeout: float | None) -> None:
         if when(runtime, timeout):
             entered.set()
-        if not runtime._pending:
+        if not runtime._dispatcher.pending:
             idle = getattr(runtime, "_test_idle", None)
             if idle is not None:
                 idle.set()
         await original(timeout)
 
-    runtime._wait_wakeup = wait  # type: ignore[method-assign]
+    runtime._dispatcher._wait_wakeup = wait  # type: ignore[method-assign]
     return entered
 
 
@@ -73,10 +73,10 @@ async def _scheduler_idle(runtime: Runtime) -> None:
     """Wake the scheduler and wait until it went round with the emptied queue (or crashed)."""
     idle = asyncio.Event()
     runtime._test_idle = idle  # type: ignore[attr-defined]
-    runtime._wake()
-    assert runtime._scheduler_task is not None
+    runtime._dispatcher.wake()
+    assert runtime._dispatcher._task is not None
     waiter = asyncio.ensure_future(idle.wait())
-    await asyncio.wait([waiter, runtime._scheduler_task], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([waiter, runtime._dispatcher._task], return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
     assert runtime.state == "running"
 
@@ -129,7 +129,7 @@ async def test_request_withdrawn_during_inline_load(tmp_path: Path, how: str) ->
 @pytest.mark.parametrize("how", ["cancel", "timeout"])
 async def test_request_withdrawn_while_its_batch_fills(how: str) -> None:
     runtime, tiny = _runtime(max_wait=30.0, max_batch_size=2)
-    entered = _gate_wakeups(runtime, lambda rt, timeout: timeout is not None and rt._pending)
+    entered = _gate_wakeups(runtime, lambda rt, timeout: timeout is not None and rt._dispatcher.pending)
     async with asyncio.timeout(30), runtime:
         timeout = 0.05 if how == "timeout" else None
         task = asyncio.ensure_future(runtime.submit({"input_ids": _ids(4, 0)}, timeout=timeout))
@@ -149,7 +149,9 @@ async def test_request_withdrawn_while_the_device_is_busy(how: str) -> None:
         tiny.gate = threading.Event()
         first = asyncio.ensure_future(runtime.submit({"input_ids": _ids(4, 9)}))
         await asyncio.to_thread(tiny.entered.wait, 30)
-        entered = _gate_wakeups(runtime, lambda rt, timeout: rt._pending and len(rt._inflight) >= 1)
+        entered = _gate_wakeups(
+            runtime, lambda rt, timeout: rt._dispatcher.pending and len(rt._dispatcher.inflight) >= 1
+        )
         timeout = 0.05 if how == "timeout" else None
         task = asyncio.ensure_future(runtime.submit({"input_ids": _ids(4, 0)}, timeout=timeout))
         await entered.wait()  # the scheduler waits for the running batch
@@ -169,7 +171,7 @@ async def test_request_withdrawn_while_its_adapter_is_not_ready(tmp_path: Path, 
     ready = False
     original = runtime.store.is_gpu_ready
     runtime.store.is_gpu_ready = lambda ref: ready and original(ref)  # type: ignore[method-assign]
-    entered = _gate_wakeups(runtime, lambda rt, timeout: timeout is None and rt._pending)
+    entered = _gate_wakeups(runtime, lambda rt, timeout: timeout is None and rt._dispatcher.pending)
     async with asyncio.timeout(30), runtime:
         runtime.register_adapter("a", path)
         timeout = 0.05 if how == "timeout" else None
