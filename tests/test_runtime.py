@@ -340,7 +340,9 @@ class _Recorder(torch.nn.Module):
 async def test_collation_pads_every_input_and_returns_each_rows_own_slice(pooled: bool) -> None:
     recorder = _Recorder()
     model = MultiLoraModel(recorder, WrapConfig(["proj"], max_rank=2, num_slots=2))
-    config = RuntimeConfig(max_batch_size=8, max_wait=0.01, pad_to_multiple=4, pad_values={"input_ids": 7})
+    config = RuntimeConfig(
+        max_batch_size=8, max_wait=0.01, pad_to_multiple=4, pad_values={"input_ids": 7}, per_token_inputs=["features"]
+    )
     select = (lambda out: out["pooled"]) if pooled else None
     rng = random.Random(1)
     requests = []

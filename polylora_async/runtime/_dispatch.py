@@ -262,7 +262,10 @@ class Dispatcher:
 
     def _form_batch(self) -> Batch | None:
         """The next batch from the queue (see :func:`form_batch`), its adapters leased, its requests dequeued."""
-        plan = form_batch(self.pending.values(), self.config, self.store.is_gpu_ready, self.model.config.num_slots)
+        plan = form_batch(
+            self.pending.values(), self.config, self.store.is_gpu_ready, self.model.config.num_slots,
+            self._worker.max_width,
+        )  # fmt: skip
         if plan is None:
             return None
         chosen = plan.requests

@@ -98,8 +98,12 @@ class Runtime:
         # Serving is inference: dropout (and anything else a module does in training mode) would make
         # rows random. A model built from a config starts in training mode, so the runtime switches it.
         model.eval()
-        self._worker = Worker(model, self.config, select_output or default_select_output, self.metrics)
-        self._admission = Admission(model.model, self.config.max_batch_tokens)
+        self._admission = Admission(model.model, self.config.max_batch_tokens, self.config.per_token_inputs)
+        # Padding never takes a batch past the positions the model can use (rows fit: Admission).
+        self._worker = Worker(
+            model, self.config, select_output or default_select_output, self.metrics,
+            max_width=self._admission.max_positions,
+        )  # fmt: skip
         self._dispatcher = Dispatcher(
             model,
             self.config,

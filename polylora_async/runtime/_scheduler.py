@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 from .._store import AdapterRef
+from ._admission import InputGroup
 from ._types import Request, RuntimeConfig
 
 
@@ -24,9 +25,21 @@ class BatchPlan(NamedTuple):
     passed_over: list[Request]  # skipped ahead of a chosen request: each one's `passed_over` rises
 
 
-def padded_width(length: int, config: RuntimeConfig) -> int:
-    """``length`` rounded up to ``pad_to_multiple``, at most ``max_batch_tokens``."""
-    return min(-(-length // config.pad_to_multiple) * config.pad_to_multiple, config.max_batch_tokens)
+def padded_width(length: int, config: RuntimeConfig, max_width: int | None = None) -> int:
+    """``length`` rounded up to ``pad_to_multiple``, at most ``max_batch_tokens`` and ``max_width``.
+
+    ``max_width`` is the positions the model can use: padding past them would fail the batch
+    (rows themselves are refused at submit if longer).
+    """
+    width = min(-(-length // config.pad_to_multiple) * config.pad_to_multiple, config.max_batch_tokens)
+    return width if max_width is None else max(length, min(width, max_width))
+
+
+def row_widths(request: Request, config: RuntimeConfig, max_width: int | None = None) -> tuple[int, int]:
+    """The widths ``request`` needs: its lengths padded (:func:`padded_width`), or as they are if unpadded."""
+    if isinstance(request.group, InputGroup) and request.group.unpadded:
+        return request.length, request.decoder_length
+    return padded_width(request.length, config, max_width), padded_width(request.decoder_length, config, max_width)
 
 
 def form_batch(
@@ -34,6 +47,7 @@ def form_batch(
     config: RuntimeConfig,
     is_ready: Callable[[AdapterRef], bool],
     slots_free: int,
+    max_width: int | None = None,
 ) -> BatchPlan | None:
     """Oldest first: ready requests, bounded by rows, padded tokens and distinct adapters.
 
@@ -43,6 +57,7 @@ def form_batch(
             ``length_bucketing``) and the padding rule (``pad_to_multiple``).
         is_ready: whether an adapter can run now (base rows always can and need no slot).
         slots_free: distinct adapters one batch may hold.
+        max_width: the model's usable positions, which padding must not exceed (None: no limit).
 
     Returns:
         The plan, or None when no request can run now or the oldest one has been passed over
@@ -73,8 +88,8 @@ def form_batch(
             anchor = anchor or request.length
             if not anchor / 2 < request.length <= anchor * 2:
                 continue
-        new_width = max(width, padded_width(request.length, cfg))
-        new_decoder_width = max(decoder_width, padded_width(request.decoder_length, cfg))
+        row, decoder_row = row_widths(request, cfg, max_width)
+        new_width, new_decoder_width = max(width, row), max(decoder_width, decoder_row)
         if (new_width + new_decoder_width) * (len(chosen) + 1) > cfg.max_batch_tokens:
             continue
         chosen.append(request)

@@ -6,13 +6,13 @@ Plain data shared by every part of the runtime: the facade, admission, the sched
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from .._config import check_int, check_seconds
 from .._errors import ConfigError
 from .._store import AdapterRef, StoreStatistics
 
@@ -56,6 +56,10 @@ class RuntimeConfig:
             distinct shapes for the model's kernels, at most 15 padding tokens per row).
         pad_values: padding value per input name (default: the model's ``config.pad_token_id`` for
             ``input_ids`` and ``decoder_input_ids``, 0 for everything else).
+        per_token_inputs: names of inputs, besides the token inputs and ``inputs_embeds``, that
+            are per-token (``[L, ...]``) and padded along ``L`` (with ``pad_values``, default 0).
+            Every other input is taken whole: never padded, and batched only with requests whose
+            input of that name has the same shape.
         attention_mask: add an ``attention_mask`` input when requests carry none; ``None``
             means "if the model's forward accepts one".
         results_on_cpu: copy each row's result to CPU memory (in the worker thread).
@@ -65,6 +69,10 @@ class RuntimeConfig:
             ``False`` loads an adapter only when its request is the oldest one waiting, holding
             back batch formation meanwhile (what a server without a prefetcher does; kept for
             comparison in benchmarks).
+        max_sequences: generations running at once (rows of the decode batch).
+        kv_cache_bytes: KV memory the running generations may hold at most, padding included;
+            ``None``: bounded by ``max_sequences`` only. Admission reserves each sequence's
+            whole remaining length, so an admitted generation always finishes.
     """
 
     max_batch_size: int = 32
@@ -81,6 +89,9 @@ class RuntimeConfig:
     results_on_cpu: bool = True
     shutdown: Literal["drain", "cancel"] = "drain"
     prefetch: bool = True
+    per_token_inputs: Collection[str] = ()
+    max_sequences: int = 64
+    kv_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -90,16 +101,18 @@ class RuntimeConfig:
             "lookahead",
             "max_inflight_batches",
             "pad_to_multiple",
+            "max_sequences",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}")
-        if not isinstance(self.starvation_limit, int) or self.starvation_limit < 0:
-            raise ConfigError(f"`starvation_limit` must be an integer >= 0, got {self.starvation_limit!r}")
-        if not isinstance(self.max_wait, (int, float)) or not 0 <= self.max_wait < math.inf:
-            raise ConfigError(f"`max_wait` must be a finite number of seconds >= 0, got {self.max_wait!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("starvation_limit", self.starvation_limit, 0)
+        check_int("kv_cache_bytes", self.kv_cache_bytes, 1, optional=True)
+        check_seconds("max_wait", self.max_wait)
         if self.shutdown not in ("drain", "cancel"):
             raise ConfigError(f"`shutdown` must be 'drain' or 'cancel', got {self.shutdown!r}")
+        names = self.per_token_inputs
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"`per_token_inputs` must be a list of input names, got {names!r}")
+        object.__setattr__(self, "per_token_inputs", frozenset(names))
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from .._errors import BatchFailedError, ConfigError, WorkerCrashedError
 from .._metrics import RuntimeMetrics
 from .._model import MultiLoraModel
 from .._store import BatchLease
-from ._admission import is_decoder_input
-from ._scheduler import padded_width
+from ._admission import WHOLE, InputGroup, input_axis, is_decoder_input, reads_last_token
+from ._scheduler import row_widths
 from ._types import OutputSelector, Request, RuntimeConfig
 
 _log = logging.getLogger("polylora_async")
@@ -66,13 +66,21 @@ class Worker:
         config: padding and where results go (``pad_values``, ``attention_mask``, ``results_on_cpu``).
         select_output: picks the per-row tensor from the model's output.
         metrics: counts isolated failures.
+        max_width: the positions the model can use; no batch is padded past them.
     """
 
     def __init__(
-        self, model: MultiLoraModel, config: RuntimeConfig, select_output: OutputSelector, metrics: RuntimeMetrics
+        self,
+        model: MultiLoraModel,
+        config: RuntimeConfig,
+        select_output: OutputSelector,
+        metrics: RuntimeMetrics,
+        *,
+        max_width: int | None = None,
     ) -> None:
         self.model = model
         self.config = config
+        self.max_width = max_width
         self._metrics = metrics
         # Token ids are padded with the model's own pad id: a decoder classifier finds each row's
         # last real token by looking for it, so padding with another id would move that token.
@@ -147,9 +155,9 @@ class Worker:
             sub = Batch(
                 requests=requests,
                 slots=[batch.slots[i] for i in part],
-                width=max(padded_width(r.length, self.config) for r in requests),
+                width=max(row_widths(r, self.config, self.max_width)[0] for r in requests),
                 lease=batch.lease,
-                decoder_width=max(padded_width(r.decoder_length, self.config) for r in requests),
+                decoder_width=max(row_widths(r, self.config, self.max_width)[1] for r in requests),
             )
             outcome, payload, _computed = await self._loop.run_in_executor(self._executor, self._execute, sub)
             if outcome == "pending":
@@ -234,11 +242,16 @@ class Worker:
         # specially): its first n positions, and those plus the n-th once more; decoder inputs,
         # if any, are lengthened separately (m and m + 1), so either length can be told apart.
         first = batch.requests[0]
+        if isinstance(first.group, InputGroup) and first.group.unpadded:  # nothing padded, nothing to cut
+            return OutputLayout((), self._probe_heads(batch, first, self._probe_shape(first, batch.lease)))
         n, m = min(first.length, 8), min(first.decoder_length, 8)
 
         def probe(extra: int, decoder_extra: int) -> Request:
             inputs = {}
             for name, value in first.inputs.items():
+                if input_axis(name, self.config.per_token_inputs) == WHOLE:  # no length to change
+                    inputs[name] = value
+                    continue
                 keep, more = (m, decoder_extra) if is_decoder_input(name) else (n, extra)
                 inputs[name] = torch.cat([value[:keep], value[keep - 1 : keep].expand(more, *value.shape[1:])])
             return dataclasses.replace(first, inputs=inputs, length=n + extra, decoder_length=m + decoder_extra)
@@ -246,23 +259,19 @@ class Worker:
         short = probe(0, 0)
         shape = self._probe_shape(short, batch.lease)
 
-        def grows(other: tuple[int, ...], size: int | None) -> tuple[int, ...]:
-            # The axes one longer in `other` (of size `size` in the short probe, if given).
-            if len(other) != len(shape):
-                return ()
-            return tuple(
-                a for a in range(1, len(shape)) if other[a] == shape[a] + 1 and (size is None or shape[a] == size)
-            )
+        sequence_axes = _grown(shape, self._probe_shape(probe(1, 0), batch.lease), n) if n else ()
+        decoder_axes = _grown(shape, self._probe_shape(probe(0, 1), batch.lease), m) if m else ()
+        return OutputLayout(sequence_axes, self._probe_heads(batch, short, shape), decoder_axes)
 
-        sequence_axes = grows(self._probe_shape(probe(1, 0), batch.lease), n)
-        decoder_axes = grows(self._probe_shape(probe(0, 1), batch.lease), m) if m else ()
+    def _probe_heads(self, batch: Batch, probe: Request, shape: tuple[int, ...]) -> dict[str, int]:
+        """Wrapped heads whose width varies per adapter -> the output axis that follows that width."""
         head_axes: dict[str, int] = {}
         for name in sorted(batch.head_widths):
             with self.model.head_width_probe(name):
-                grown = grows(self._probe_shape(short, batch.lease), None)
+                grown = _grown(shape, self._probe_shape(probe, batch.lease), None)
             if len(grown) == 1:
                 head_axes[name] = grown[0]
-        return OutputLayout(sequence_axes, head_axes, decoder_axes)
+        return head_axes
 
     def _probe_shape(self, request: Request, lease: BatchLease) -> tuple[int, ...]:
         probe = Batch(
@@ -313,6 +322,11 @@ class Worker:
                 if "attention_mask" not in request.inputs:
                     request.inputs["attention_mask"] = torch.ones(request.length, dtype=torch.long)
         for name, sample in (masked[0] if masked else requests[0]).inputs.items():
+            if input_axis(name, self.config.per_token_inputs) == WHOLE:  # one shape per batch: stacked
+                whole = torch.empty((rows, *sample.shape), dtype=sample.dtype, pin_memory=pin)
+                torch.stack([_on_cpu(r.inputs[name]) for r in requests], out=whole)
+                out[name] = whole.to(device, non_blocking=True)
+                continue
             decoder = is_decoder_input(name)
             padded = torch.full(
                 (rows, batch.decoder_width if decoder else width, *sample.shape[1:]),
@@ -326,7 +340,7 @@ class Worker:
                 for row, request in zip(padded.unbind(0), requests, strict=True):
                     row[: request.decoder_length if decoder else request.length] = request.inputs[name]
             out[name] = padded.to(device, non_blocking=True)
-        if self._add_mask and "attention_mask" not in out:
+        if self._add_mask and width and "attention_mask" not in out:
             mask = torch.empty(rows, width, dtype=torch.long, pin_memory=pin)
             mask.copy_(real)  # pinned: the upload below is queued, not waited for
             out["attention_mask"] = mask.to(device, non_blocking=True)
@@ -357,6 +371,13 @@ class Worker:
                 row = row.narrow(axis - 1, 0, batch.head_widths[name][i])
             out.append(row.clone())
         return out
+
+
+def _grown(shape: tuple[int, ...], other: tuple[int, ...], size: int | None) -> tuple[int, ...]:
+    """The axes one longer in ``other`` than in ``shape`` (and of size ``size`` in ``shape``, if given)."""
+    if len(other) != len(shape):
+        return ()
+    return tuple(a for a in range(1, len(shape)) if other[a] == shape[a] + 1 and (size is None or shape[a] == size))
 
 
 def set_results(requests: list[Request], rows: list[Any]) -> None:
@@ -407,23 +428,17 @@ def _default_pad_values(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _check_pad_id(model: torch.nn.Module) -> None:
-    """Refuse a model that needs ``config.pad_token_id`` to batch rows but has none.
+    """Refuse a decoder classifier without ``config.pad_token_id``: it cannot batch rows of two lengths.
 
-    Decoder classifiers (``LlamaForSequenceClassification``, ``GPT2ForSequenceClassification``, ...)
-    read each row at its last token that is not the pad id, and refuse batches of more than one row
-    without one; their ``forward`` reads ``config.pad_token_id``, which is how they are recognised.
+    Such a model (see :func:`reads_last_token`) reads each row at its last token that is not the
+    pad id, and transformers refuses its batches of more than one row without one.
     """
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "pad_token_id", 0) is not None:
+    if config is None or getattr(config, "pad_token_id", 0) is not None or not reads_last_token(model):
         return
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return
-    if "pad_token_id" in source:
-        raise ConfigError(
-            f"{type(model).__name__} needs `config.pad_token_id` to batch rows of different lengths (it reads "
-            "each row at its last token that is not the pad id), and its config has none: set "
-            "`model.config.pad_token_id` before wrapping, e.g. to the tokenizer's pad id, or to its eos id "
-            "as is usual for Llama-style models"
-        )
+    raise ConfigError(
+        f"{type(model).__name__} needs `config.pad_token_id` to batch rows of different lengths (it reads "
+        "each row at its last token that is not the pad id), and its config has none: set "
+        "`model.config.pad_token_id` before wrapping, e.g. to the tokenizer's pad id, or to its eos id "
+        "as is usual for Llama-style models"
+    )
