@@ -54,7 +54,8 @@ from ._adapters import (
     check_source,
     read_peft_directory,
 )
-from ._catalog import BASE_REF, AdapterCatalog, AdapterKey, AdapterRef, Resolver, SharedCall, check_adapter_id
+from ._catalog import BASE_REF, AdapterCatalog, AdapterKey, AdapterRef, Resolver
+from ._config import check_adapter_id
 from ._cpu_tier import CpuTier, stage_weights
 from ._disk_tier import DiskCache, DiskStats, weights_to_raw
 from ._errors import (
@@ -68,6 +69,7 @@ from ._errors import (
 )
 from ._gpu_tier import GpuSlot, GpuSlots, SlotState, SlotWriter
 from ._model import MultiLoraModel
+from ._single_flight import SharedCall
 
 logger = logging.getLogger("polylora_async")
 
