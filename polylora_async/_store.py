@@ -56,8 +56,6 @@ from ._adapters import (
 )
 from ._catalog import BASE_REF, AdapterCatalog, AdapterKey, AdapterRef, Resolver
 from ._config import check_adapter_id
-from ._cpu_tier import CpuTier, stage_weights
-from ._disk_tier import DiskCache, DiskStats, weights_to_raw
 from ._errors import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -67,9 +65,11 @@ from ._errors import (
     SlotsFullError,
     StoreClosedError,
 )
-from ._gpu_tier import GpuSlot, GpuSlots, SlotState, SlotWriter
 from ._model import MultiLoraModel
 from ._single_flight import SharedCall
+from .store._cpu_tier import CpuTier, stage_weights
+from .store._disk_tier import DiskCache, DiskStats, weights_to_raw
+from .store._gpu_tier import GpuSlot, GpuSlots, SlotState, SlotWriter
 
 logger = logging.getLogger("polylora_async")
 

@@ -13,8 +13,8 @@ import torch
 
 from polylora_async import AdapterLoadError
 from polylora_async._adapters import AdapterWeights, LayerLora, LayerShape, RawAdapter, validate_adapter
-from polylora_async._cpu_tier import CpuTier, host_bytes, stage_weights
-from polylora_async._disk_tier import (
+from polylora_async.store._cpu_tier import CpuTier, host_bytes, stage_weights
+from polylora_async.store._disk_tier import (
     ENTRIES_DIR,
     MANIFEST_FILE,
     TMP_DIR,
@@ -23,7 +23,7 @@ from polylora_async._disk_tier import (
     entry_name,
     weights_to_raw,
 )
-from polylora_async._gpu_tier import GpuSlots, SlotState, SlotWriter
+from polylora_async.store._gpu_tier import GpuSlots, SlotState, SlotWriter
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from ._adapters import AdapterWeights, pack_weights
+from .._adapters import AdapterWeights, pack_weights
 
 
 def stage_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._adapters import AdapterWeights
+from .._adapters import AdapterWeights
 
 
 class SlotState(Enum):

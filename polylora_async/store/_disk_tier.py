@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ._adapters import CONFIG_FILE, SAFETENSORS_FILE, AdapterWeights, RawAdapter, read_peft_directory
+from .._adapters import CONFIG_FILE, SAFETENSORS_FILE, AdapterWeights, RawAdapter, read_peft_directory
 
 logger = logging.getLogger("polylora_async")
 
