@@ -29,7 +29,7 @@ from ._layer import MultiLoraLinear
 from ._metrics import RuntimeMetrics
 from ._model import MultiLoraModel
 from ._runtime import Runtime, RuntimeConfig, RuntimeStatistics, StreamResult, default_select_output
-from ._store import AdapterStore, BatchLease, StoreConfig, StoreStatistics
+from .store import AdapterStore, BatchLease, StoreConfig, StoreStatistics
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,7 @@ from ._exposition import MetricsServer, serve_metrics
 from ._layer import conv1d_type, linear_features
 from ._model import MultiLoraModel
 from ._runtime import Runtime, RuntimeConfig
-from ._store import StoreConfig, StoreStatistics
+from .store import StoreConfig, StoreStatistics
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # transformers' Conv1D layers (PEFT: fan_in_fan_out=True)

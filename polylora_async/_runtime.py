@@ -43,7 +43,7 @@ from ._errors import (
 )
 from ._metrics import RuntimeMetrics
 from ._model import MultiLoraModel
-from ._store import AdapterRef, AdapterStore, BatchLease, StoreConfig, StoreStatistics
+from .store import AdapterRef, AdapterStore, BatchLease, StoreConfig, StoreStatistics
 
 OutputSelector = Callable[[Any], torch.Tensor]
 _log = logging.getLogger("polylora_async")
