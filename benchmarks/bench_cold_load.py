@@ -46,7 +46,7 @@ from torch import nn
 
 from polylora_async import MultiLoraModel, WrapConfig
 from polylora_async._catalog import AdapterRef
-from polylora_async._store import AdapterStore, StoreConfig
+from polylora_async.store import AdapterStore, StoreConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from polylora_async import MultiLoraModel, WrapConfig, read_peft_directory
-from polylora_async._cpu_tier import stage_weights
+from polylora_async.store._cpu_tier import stage_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

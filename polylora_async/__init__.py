@@ -27,9 +27,9 @@ from ._exposition import MetricsServer, metrics_asgi_app, serve_metrics
 from ._layer import MultiLoraLinear
 from ._metrics import RuntimeMetrics
 from ._model import MultiLoraModel
-from ._store import AdapterStore, BatchLease, StoreConfig, StoreStatistics
 from .adapters import AdapterWeights, LayerLora, RawAdapter, read_peft_directory
 from .runtime import Runtime, RuntimeConfig, RuntimeStatistics, StreamResult, default_select_output
+from .store import AdapterStore, BatchLease, StoreConfig, StoreStatistics
 
 __version__ = "0.1.0"
 

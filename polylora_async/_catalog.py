@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ._config import BASE_ADAPTER
+from ._config import BASE_ADAPTER, check_adapter_id
 from ._errors import AdapterLoadError, AdapterNotFoundError, PolyLoraError, StoreClosedError
+from ._single_flight import SharedCall, SingleFlight
 from .adapters import AdapterWeights, RawAdapter, raw_from_peft_model, raw_from_state_dict
 
 AdapterKey = tuple[str, int]
@@ -134,50 +135,6 @@ def normalize_source(
     )
 
 
-def check_adapter_id(adapter_id: object) -> str:
-    """Adapter ids are non-empty strings other than :data:`BASE_ADAPTER`; anything else is a caller bug."""
-    if not isinstance(adapter_id, str) or not adapter_id:
-        raise ValueError(f"adapter ids must be non-empty strings, got {adapter_id!r}")
-    if adapter_id == BASE_ADAPTER:
-        raise ValueError(f"{BASE_ADAPTER!r} is reserved for the base model")
-    return adapter_id
-
-
-class SharedCall:
-    """One in-flight operation that any number of waiters share (single flight).
-
-    The result lives in a future that only the operation (or a shutdown) completes, so a waiter
-    that is cancelled never cancels the shared work, and a shutdown fails the waiters with a
-    clear error instead of a ``CancelledError`` they did not ask for.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[Any] = loop.create_future()
-        # Mark the outcome as retrieved even if nobody waits (a prefetch), so asyncio does not log it.
-        self.future.add_done_callback(_retrieve)
-        self.task: asyncio.Task[None] | None = None
-
-    async def wait(self) -> Any:
-        return await asyncio.shield(self.future)
-
-    def succeed(self, value: Any) -> None:
-        if not self.future.done():
-            self.future.set_result(value)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class AdapterCatalog:
     """Adapter id -> current :class:`AdapterRef`, plus the reference counts that keep old versions alive.
 
@@ -211,7 +168,7 @@ class AdapterCatalog:
         self._live: dict[AdapterKey, AdapterRef] = {}
         self._refcounts: dict[AdapterKey, int] = {}
         self._last_version: dict[str, int] = {}
-        self._resolving: dict[str, SharedCall] = {}
+        self._resolving: SingleFlight[str, SharedCall] = SingleFlight(SharedCall, cancelled=_resolution_cancelled)
         self._closed = False
 
     # -- registration -------------------------------------------------------------------------------
@@ -320,16 +277,15 @@ class AdapterCatalog:
         if adapter_id == BASE_ADAPTER:
             return BASE_REF
         self._check_open()
-        if not isinstance(adapter_id, str) or not adapter_id:
-            raise ValueError(f"adapter ids must be non-empty strings, got {adapter_id!r}")
+        check_adapter_id(adapter_id, allow_base=True)
         while True:
             ref = self._current.get(adapter_id)
             if ref is None:
                 if self._resolver is None:
                     raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-                call = self._resolving.get(adapter_id)
-                if call is None:
-                    call = self._start_resolution(adapter_id)
+                call = self._resolving.join(
+                    adapter_id, lambda _: self._run_resolver(adapter_id), f"polylora-resolve:{adapter_id[:64]}"
+                )
                 ref = await call.wait()
                 assert isinstance(ref, AdapterRef)
             # The version could have been replaced while we waited: take whatever is alive now.
@@ -337,26 +293,6 @@ class AdapterCatalog:
                 if acquire:
                     self.acquire(ref)
                 return ref
-
-    def _start_resolution(self, adapter_id: str) -> SharedCall:
-        loop = asyncio.get_running_loop()
-        call = SharedCall(loop)
-        self._resolving[adapter_id] = call
-
-        async def run() -> None:
-            try:
-                call.succeed(await self._run_resolver(adapter_id))
-            except asyncio.CancelledError:
-                call.fail(StoreClosedError(f"resolving adapter {adapter_id!r} was cancelled: the catalog closed"))
-                raise
-            except Exception as exc:
-                call.fail(exc)
-            finally:
-                if self._resolving.get(adapter_id) is call:
-                    del self._resolving[adapter_id]
-
-        call.task = loop.create_task(run(), name=f"polylora-resolve:{adapter_id[:64]}")
-        return call
 
     async def _run_resolver(self, adapter_id: str) -> AdapterRef:
         assert self._resolver is not None
@@ -442,18 +378,15 @@ class AdapterCatalog:
 
     # -- shutdown -----------------------------------------------------------------------------------
 
-    def close(self) -> list[asyncio.Task[None]]:
+    def close(self) -> list[asyncio.Task[Any]]:
         """Refuse new work and fail pending resolutions; returns their tasks (cancelled) to await."""
         self._closed = True
-        tasks = []
-        for adapter_id, call in list(self._resolving.items()):
-            call.fail(StoreClosedError(f"resolving adapter {adapter_id!r} was cancelled: the catalog closed"))
-            if call.task is not None:
-                call.task.cancel()
-                tasks.append(call.task)
-        self._resolving.clear()
-        return tasks
+        return self._resolving.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the adapter catalog is closed")
+
+
+def _resolution_cancelled(adapter_id: str) -> StoreClosedError:
+    return StoreClosedError(f"resolving adapter {adapter_id!r} was cancelled: the catalog closed")

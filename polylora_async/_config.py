@@ -22,7 +22,7 @@ def check_adapter_id(
     :class:`InputValidationError` for a request's ``adapter``.
     """
     if not isinstance(adapter_id, str) or not adapter_id:
-        raise error(f"`{field}` must be a non-empty string, got {adapter_id!r}")
+        raise error(f"`{field}` must be a non-empty string (adapter ids are), got {adapter_id!r}")
     if adapter_id == BASE_ADAPTER and not allow_base:
         raise error(f"`{field}`: {BASE_ADAPTER!r} is reserved for the base model")
     return adapter_id
@@ -35,7 +35,7 @@ def check_int(name: str, value: object, minimum: int, *, optional: bool = False)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"`{name}` must be an integer{' or None' if optional else ''}, got {value!r}")
     if value < minimum:
-        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value}")
+        raise ConfigError(f"`{name}` must be >= {minimum}, got {value}")
 
 
 def check_seconds(name: str, value: object) -> None:
@@ -43,7 +43,7 @@ def check_seconds(name: str, value: object) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ConfigError(f"`{name}` must be a finite number of seconds, got {value!r}")
     if value < 0:
-        raise ConfigError(f"`{name}` must be a finite number of seconds >= 0, got {value}")
+        raise ConfigError(f"`{name}` must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from ._errors import TargetModulesError
 from ._exposition import MetricsServer, serve_metrics
 from ._layer import conv1d_type, linear_features
 from ._model import MultiLoraModel
-from ._store import StoreConfig, StoreStatistics
 from .runtime import Runtime, RuntimeConfig
+from .store import StoreConfig, StoreStatistics
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # transformers' Conv1D layers (PEFT: fan_in_fan_out=True)

@@ -306,7 +306,7 @@ def test_bad_wrap_configs(llama_set: AdapterSet) -> None:
         MultiLoraModel(copy.deepcopy(llama_set.base), WrapConfig(["nope_proj"]))
     with pytest.raises(TargetModulesError, match="not nn\\.Linear"):
         MultiLoraModel(copy.deepcopy(llama_set.base), WrapConfig(["self_attn"]))
-    with pytest.raises(ConfigError, match="`max_rank` must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match="`max_rank` must be >= 1, got 0"):
         WrapConfig(["q_proj"], max_rank=0)
     with pytest.raises(ConfigError, match="`num_slots`"):
         WrapConfig(["q_proj"], num_slots=-1)

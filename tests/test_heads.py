@@ -288,7 +288,7 @@ def test_config_lists_heads_as_peft_saves_them(bert: ClassifierSet) -> None:
 
 
 def test_weights_validated_elsewhere_keep_their_heads(bert: ClassifierSet) -> None:
-    from polylora_async._disk_tier import weights_to_raw
+    from polylora_async.store._disk_tier import weights_to_raw
 
     donor = _fresh(bert)
     weights = donor.prepare_adapter("seven", bert.paths["seven"])

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import polylora_async._store as store_module
+import polylora_async.store._loads as store_module
 from polylora_async import (
     BASE_ADAPTER,
     AdapterFormatError,
@@ -43,7 +43,7 @@ from polylora_async import (
 )
 from polylora_async._catalog import AdapterRef
 from polylora_async._errors import AdapterNotReadyError, StoreClosedError
-from polylora_async._store import AdapterStore, StoreConfig, StoreStatistics
+from polylora_async.store import AdapterStore, StoreConfig, StoreStatistics
 
 HIDDEN = 16
 TARGETS = ("0", "1")
@@ -657,7 +657,7 @@ async def test_resolve_nowait_and_demand_inputs(tmp_path: Path) -> None:
         with pytest.raises(AdapterNotFoundError, match="'zz' is not registered"):
             store.resolve_nowait("zz")
         store.set_demand({ref: 1, ("a", 1): 2, "a": 1, "unknown": 4, base_ref(store): 3})
-        assert store._demand == {("a", 1): 4}
+        assert store._policy.demand == {("a", 1): 4}
         with pytest.raises(ValueError, match="integers >= 0"):
             store.set_demand({ref: -1})
         with pytest.raises(TypeError, match="demand keys"):
@@ -1057,7 +1057,8 @@ async def test_acquire_lease_holds_loaded_adapters_while_waiting_for_the_rest(
             assert store.statistics().gpu_leased == 1  # a is already held by the batch
             gate.block = False
             assert store.prefetch([c]) == 1  # c cannot take a's slot (nor b's): it only warms the CPU tier
-            await store._cpu_jobs[c.key].wait()  # c's CPU load (the only thing it may do)
+            # c's CPU load (the only thing it may do)
+            await store._loads.cpu_jobs.get(c.key).wait()  # type: ignore[union-attr]
             assert store.is_gpu_ready(a) and not store.is_gpu_ready(c)
             gate.release.set()
             lease = await task

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 from collections.abc import Hashable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from polylora_async import AdapterLoadError
-from polylora_async._cpu_tier import CpuTier, host_bytes, stage_weights
-from polylora_async._disk_tier import (
+from polylora_async.adapters import AdapterWeights, LayerLora, LayerShape, RawAdapter, validate_adapter
+from polylora_async.store._cpu_tier import CpuTier, host_bytes, stage_weights
+from polylora_async.store._disk_tier import (
     ENTRIES_DIR,
     MANIFEST_FILE,
     TMP_DIR,
@@ -22,8 +25,8 @@ from polylora_async._disk_tier import (
     entry_name,
     weights_to_raw,
 )
-from polylora_async._gpu_tier import GpuSlots, SlotState, SlotWriter
-from polylora_async.adapters import AdapterWeights, LayerLora, LayerShape, RawAdapter, validate_adapter
+from polylora_async.store._gpu_tier import GpuSlots, SlotState, SlotWriter
+from polylora_async.store._policy import rank_slots
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -151,53 +154,63 @@ def _fill(slots: GpuSlots, keys: list[str], clock: _FakeClock) -> None:
         clock.now += 1
 
 
-def _victim(slots: GpuSlots, *, urgent: bool = True, demand: dict[str, int] | None = None,
-            pinned: set[str] | frozenset[str] = frozenset(), dead: set[str] | frozenset[str] = frozenset()) -> object:
+def _choose(slots: GpuSlots, clock: _FakeClock, min_residency_s: float, *, urgent: bool = True,
+            demand: dict[str, int] | None = None, pinned: set[str] | frozenset[str] = frozenset(),
+            dead: set[str] | frozenset[str] = frozenset()) -> object:
     demand = demand or {}
-    slot = slots.choose_victim(
+    ranked = rank_slots(
+        slots.slots,
+        now=clock(),
+        min_residency_s=min_residency_s,
         urgent=urgent,
         demand_of=lambda k: demand.get(k, 0),  # type: ignore[call-overload]
-        protected=lambda k: k in pinned,
+        held=lambda k: k in pinned,
         alive=lambda k: k not in dead,
     )
-    return None if slot is None else slot.key
+    return ranked[0] if ranked else None
+
+
+def _victim(slots: GpuSlots, clock: _FakeClock, min_residency_s: float, **options: Any) -> object:
+    slot = _choose(slots, clock, min_residency_s, **options)
+    return None if slot is None else slot.key  # type: ignore[attr-defined]
 
 
 def test_gpu_victim_order() -> None:
     clock = _FakeClock()
-    slots = GpuSlots(4, min_residency_s=0.5, clock=clock)
-    assert _victim(slots) is None  # every slot empty: victim is an empty slot (no key)
-    assert slots.choose_victim(urgent=False, demand_of=lambda k: 0, protected=lambda k: False,
-                               alive=lambda k: True) is slots.slots[0]
+    slots = GpuSlots(4, clock=clock)
+    victim = functools.partial(_victim, slots, clock, 0.5)
+    assert victim() is None  # every slot empty: victim is an empty slot (no key)
+    assert _choose(slots, clock, 0.5, urgent=False) is slots.slots[0]
     _fill(slots, ["a", "b", "c", "d"], clock)
     clock.now += 10  # everyone past the minimum residency
-    assert _victim(slots) == "a"  # least recently used
+    assert victim() == "a"  # least recently used
     slots.lease(slots.get("a"))  # type: ignore[arg-type]
-    assert _victim(slots) == "b"  # leased slots are never victims
-    assert _victim(slots, pinned={"b"}) == "c"
-    assert _victim(slots, demand={"b": 1, "c": 3}) == "d"  # no queued requests first
-    assert _victim(slots, demand={"b": 1, "c": 1, "d": 1}) == "b"  # urgent: LRU among demanded
-    assert _victim(slots, urgent=False, demand={"b": 1, "c": 1, "d": 1}) is None  # a prefetch may not
-    assert _victim(slots, dead={"d"}) == "d"  # a dead version goes first
+    assert victim() == "b"  # leased slots are never victims
+    assert victim(pinned={"b"}) == "c"
+    assert victim(demand={"b": 1, "c": 3}) == "d"  # no queued requests first
+    assert victim(demand={"b": 1, "c": 1, "d": 1}) == "b"  # urgent: LRU among demanded
+    assert victim(urgent=False, demand={"b": 1, "c": 1, "d": 1}) is None  # a prefetch may not
+    assert victim(dead={"d"}) == "d"  # a dead version goes first
     slots.unlease(slots.get("a"))  # type: ignore[arg-type]
-    assert _victim(slots) == "b"  # "a" counts as used when it was leased
+    assert victim() == "b"  # "a" counts as used when it was leased
     slots.get("b").last_used = clock.now  # type: ignore[union-attr]
-    assert _victim(slots) == "c"
+    assert victim() == "c"
 
 
 def test_gpu_minimum_residency() -> None:
     clock = _FakeClock()
-    slots = GpuSlots(2, min_residency_s=0.5, clock=clock)
+    slots = GpuSlots(2, clock=clock)
+    victim = functools.partial(_victim, slots, clock, 0.5)
     _fill(slots, ["old", "new"], clock)
     clock.now = slots.get("new").loaded_at + 0.1  # type: ignore[union-attr]
     slots.get("old").loaded_at = clock.now - 5  # type: ignore[union-attr]
     slots.get("old").last_used = clock.now  # type: ignore[union-attr]
     # "old" was used more recently, but "new" is within its minimum residency.
-    assert _victim(slots) == "old"
-    assert _victim(slots, urgent=False) == "old"
+    assert victim() == "old"
+    assert victim(urgent=False) == "old"
     slots.get("old").loaded_at = clock.now  # type: ignore[union-attr]
-    assert _victim(slots, urgent=False) is None  # a prefetch never takes a fresh slot
-    assert _victim(slots) == "new"  # an urgent need does, as a last resort (LRU among fresh ones)
+    assert victim(urgent=False) is None  # a prefetch never takes a fresh slot
+    assert victim() == "new"  # an urgent need does, as a last resort (LRU among fresh ones)
 
 
 def test_gpu_reserve_complete_free_and_events() -> None:
@@ -209,11 +222,12 @@ def test_gpu_reserve_complete_free_and_events() -> None:
             return self.finished
 
     clock = _FakeClock()
-    slots = GpuSlots(1, 0.0, clock)
+    slots = GpuSlots(1, clock)
+    victim = functools.partial(_victim, slots, clock, 0.0)
     slot = slots.slots[0]
     assert slots.reserve(slot, "a") is None
     assert slot.state is SlotState.WRITING and not slots.is_ready("a")
-    assert _victim(slots) is None  # a slot being written is nobody's victim
+    assert victim() is None  # a slot being written is nobody's victim
     slots.complete(slot, "copy-a", 7)
     assert slots.is_ready("a") and slots.resident() == {"a": 1} and slots.resident_bytes == 7
     e1, e2, e3 = Event(), Event(), Event()
@@ -233,7 +247,6 @@ def test_gpu_reserve_complete_free_and_events() -> None:
     slots.reserve(slot, "c")
     slots.complete(slot, None, 1)
     assert slot.read_events == []
-    assert slots.all_protected(lambda k: k == "c") and not slots.all_protected(lambda k: False)
 
 
 def test_slot_writer_on_cpu_has_no_stream() -> None:

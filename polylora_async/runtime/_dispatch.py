@@ -19,7 +19,7 @@ import torch
 from .._errors import BatchFailedError
 from .._metrics import RuntimeMetrics
 from .._model import MultiLoraModel
-from .._store import AdapterRef, AdapterStore
+from ..store import AdapterRef, AdapterStore
 from ._scheduler import form_batch
 from ._types import Request, RuntimeConfig
 from ._worker import Batch, Worker, crash_error, is_device_error, set_results

@@ -31,7 +31,7 @@ from .._errors import (
 )
 from .._metrics import RuntimeMetrics
 from .._model import MultiLoraModel
-from .._store import AdapterStore, StoreConfig
+from ..store import AdapterStore, StoreConfig
 from ._admission import Admission, check_adapter_id, check_input_names, check_timeout
 from ._dispatch import Dispatcher
 from ._types import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import NamedTuple
 
-from .._store import AdapterRef
+from ..store import AdapterRef
 from ._admission import InputGroup
 from ._types import Request, RuntimeConfig
 

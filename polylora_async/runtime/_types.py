@@ -14,7 +14,7 @@ import torch
 
 from .._config import check_int, check_seconds
 from .._errors import ConfigError
-from .._store import AdapterRef, StoreStatistics
+from ..store import AdapterRef, StoreStatistics
 
 OutputSelector = Callable[[Any], torch.Tensor]
 

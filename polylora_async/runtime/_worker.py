@@ -21,7 +21,7 @@ import torch
 from .._errors import BatchFailedError, ConfigError, WorkerCrashedError
 from .._metrics import RuntimeMetrics
 from .._model import MultiLoraModel
-from .._store import BatchLease
+from ..store import BatchLease
 from ._admission import WHOLE, InputGroup, input_axis, is_decoder_input, reads_last_token
 from ._scheduler import row_widths
 from ._types import OutputSelector, Request, RuntimeConfig

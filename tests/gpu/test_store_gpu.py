@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from polylora_async import MultiLoraModel, WrapConfig
-from polylora_async._cpu_tier import stage_weights
-from polylora_async._store import AdapterStore, StoreConfig
+from polylora_async.store import AdapterStore, StoreConfig
+from polylora_async.store._cpu_tier import stage_weights
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device("cuda")

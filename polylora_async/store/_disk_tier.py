@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .adapters import CONFIG_FILE, SAFETENSORS_FILE, AdapterWeights, RawAdapter, read_peft_directory
+from ..adapters import CONFIG_FILE, SAFETENSORS_FILE, AdapterWeights, RawAdapter, read_peft_directory
 
 logger = logging.getLogger("polylora_async")
 

@@ -11,7 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from .adapters import AdapterWeights, pack_weights
+from ..adapters import AdapterWeights, pack_weights
+from ._policy import cpu_eviction_order
 
 
 def stage_weights(weights: AdapterWeights, *, pin: bool) -> AdapterWeights:
@@ -73,7 +74,8 @@ class CpuTier:
     call: ``nbytes <= max(capacity_bytes, sticky_bytes)``.
 
     Among evictable entries the victim is the least recently used one that nobody queued a request
-    for (``demand_of(key) == 0``); only if there is none, the least recently used demanded one.
+    for (``demand_of(key) == 0``); only if there is none, the least recently used demanded one
+    (:func:`._policy.cpu_eviction_order`).
 
     Args:
         capacity_bytes: the bound; 0 disables caching (sticky entries are still kept).
@@ -159,11 +161,8 @@ class CpuTier:
         evictable = [(k, e) for k, e in self._entries.items() if not e.sticky]
         if not partial and sum(e.nbytes for _, e in evictable) < excess:
             return None
-        # Two passes in LRU order: entries nobody is waiting for first, then demanded ones.
-        order = [k for k, _ in evictable if self._demand_of(k) <= 0]
-        order += [k for k, _ in evictable if self._demand_of(k) > 0]
         evicted = []
-        for key in order:
+        for key in cpu_eviction_order([k for k, _ in evictable], self._demand_of):
             if excess <= 0:
                 break
             entry = self._entries.pop(key)

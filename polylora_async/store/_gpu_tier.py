@@ -1,7 +1,7 @@
 """The GPU tier: the model's fixed adapter slots, their leases, and ordered slot writes.
 
-:class:`GpuSlots` is pure host-side bookkeeping (which version sits in which slot, who leases it,
-what to evict); :class:`SlotWriter` performs the writes. On CUDA a write runs on a dedicated copy
+:class:`GpuSlots` is pure host-side bookkeeping (which version sits in which slot, who leases it);
+:class:`SlotWriter` performs the writes. On CUDA a write runs on a dedicated copy
 stream, after the completion events of every batch that read the slot since its previous write, and
 records its own event that the next batch's stream waits for. No device-wide synchronisation
 anywhere: ordering is expressed with events only. On CPU the same code runs without streams/events.
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .adapters import AdapterWeights
+from ..adapters import AdapterWeights
 
 
 class SlotState(Enum):
@@ -47,21 +47,13 @@ class GpuSlot:
 
 
 class GpuSlots:
-    """Which adapter version sits in which slot; victim selection that resists thrash.
+    """Which adapter version sits in which slot, its leases and its times (from ``clock``).
 
-    Victim order, for a load that needs a slot (``choose_victim``):
-      1. an empty slot, then a slot holding a dead version (nobody can use it any more);
-      2. never: a slot being written, leased by a batch, or holding a pinned adapter;
-      3. among the rest, the smallest ``(has_demand, within_min_residency, last_used)``: adapters
-         with no queued requests first, then those resident longer than ``min_residency_s``, then
-         least recently used.
-    A non-urgent load (a prefetch) never takes a slot whose adapter has queued requests or that is
-    still within its minimum residency; an urgent one (``ensure_gpu``) may, as a last resort.
+    Which slot a load takes is the victim policy's decision (:mod:`._policy`), made from these slots.
     """
 
-    def __init__(self, num_slots: int, min_residency_s: float, clock: Callable[[], float]) -> None:
+    def __init__(self, num_slots: int, clock: Callable[[], float]) -> None:
         self.slots = [GpuSlot(i) for i in range(1, num_slots + 1)]
-        self.min_residency_s = min_residency_s
         self._clock = clock
         self._by_key: dict[Hashable, GpuSlot] = {}
 
@@ -83,62 +75,6 @@ class GpuSlots:
     @property
     def resident_bytes(self) -> int:
         return sum(s.nbytes for s in self.slots if s.state is SlotState.READY)
-
-    def _candidates(
-        self,
-        *,
-        urgent: bool,
-        demand_of: Callable[[Hashable], int],
-        protected: Callable[[Hashable], bool],
-        alive: Callable[[Hashable], bool],
-    ) -> list[tuple[tuple[int, int, float, int], GpuSlot]]:
-        now = self._clock()
-        ranked = []
-        for slot in self.slots:
-            if slot.state is SlotState.WRITING or slot.leases > 0:
-                continue
-            if slot.state is SlotState.EMPTY:
-                ranked.append(((-2, 0, 0.0, slot.index), slot))
-                continue
-            assert slot.key is not None
-            if not alive(slot.key):
-                ranked.append(((-1, 0, slot.last_used, slot.index), slot))
-                continue
-            if protected(slot.key):
-                continue
-            demanded = demand_of(slot.key) > 0
-            recent = now - slot.loaded_at < self.min_residency_s
-            if not urgent and (demanded or recent):
-                continue
-            ranked.append(((int(demanded), int(recent), slot.last_used, slot.index), slot))
-        ranked.sort(key=lambda item: item[0])
-        return ranked
-
-    def choose_victim(
-        self,
-        *,
-        urgent: bool,
-        demand_of: Callable[[Hashable], int],
-        protected: Callable[[Hashable], bool],
-        alive: Callable[[Hashable], bool],
-    ) -> GpuSlot | None:
-        """The slot a new load should take, or None if none may be taken now."""
-        ranked = self._candidates(urgent=urgent, demand_of=demand_of, protected=protected, alive=alive)
-        return ranked[0][1] if ranked else None
-
-    def count_victims(
-        self,
-        *,
-        urgent: bool,
-        demand_of: Callable[[Hashable], int],
-        protected: Callable[[Hashable], bool],
-        alive: Callable[[Hashable], bool],
-    ) -> int:
-        return len(self._candidates(urgent=urgent, demand_of=demand_of, protected=protected, alive=alive))
-
-    def all_protected(self, protected: Callable[[Hashable], bool]) -> bool:
-        """True when every slot holds a pinned adapter: nothing else can ever be loaded."""
-        return all(s.state is not SlotState.EMPTY and s.key is not None and protected(s.key) for s in self.slots)
 
     def reserve(self, slot: GpuSlot, key: Hashable) -> Hashable | None:
         """Claim ``slot`` for ``key`` (state WRITING); returns the key it held before, if any.
