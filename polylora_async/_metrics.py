@@ -92,6 +92,12 @@ class RuntimeMetrics:
     polylora_requests_total                        counter    outcome         request_done()
     polylora_request_duration_seconds              histogram  -               request_done()
     polylora_request_queue_wait_seconds            histogram  -               request_done()
+    polylora_time_to_first_token_seconds           histogram  -               first_token()
+    polylora_inter_token_seconds                   histogram  -               next_token()
+    polylora_generated_tokens_total                counter    -               first_token()+next_token()
+    polylora_sequences                             gauge      state           set_sequences()
+    polylora_kv_cache_bytes                        gauge      -               set_sequences()
+    polylora_preemptions_total                     counter    -               (never)
     =============================================  =========  ==============  =======================
 
     Label values are bounded and validated: ``tier`` is one of :data:`TIERS` (gpu, cpu, disk);
@@ -206,12 +212,45 @@ class RuntimeMetrics:
             LATENCY_BUCKETS,
         )
 
+        self._ttft = Histogram(
+            "polylora_time_to_first_token_seconds",
+            "Time from a generation's submit to its first token.",
+            buckets=LATENCY_BUCKETS, registry=None,
+        )
+        self._itl = Histogram(
+            "polylora_inter_token_seconds",
+            "Time between two consecutive tokens of one generation.",
+            buckets=LATENCY_BUCKETS, registry=None,
+        )
+        self._generated = Counter(
+            "polylora_generated_tokens_total",
+            "Tokens generated, over all sequences.",
+            registry=None,
+        )
+        self._sequences = Gauge(
+            "polylora_sequences",
+            "Generations running (in the decode batch) or waiting to be admitted.",
+            ["state"], registry=None,
+        )
+        self._kv_bytes = Gauge(
+            "polylora_kv_cache_bytes",
+            "Bytes the running generations' KV cache holds (padding included).",
+            registry=None,
+        )
+        self._preemptions = Counter(
+            "polylora_preemptions_total",
+            "Generations preempted for KV memory: none, since admission reserves each sequence's whole "
+            "KV need (kept so dashboards can show it).",
+            registry=None,
+        )
+
         # Children looked up by label value: validation and update in one dict lookup, without
         # going through labels() (which takes a lock and builds a key tuple) on the hot path.
         self._evictions_by_tier = _children(self._evictions, TIERS)
         self._reloads_by_tier = _children(self._reloads, TIERS)
         self._resident_by_tier = _children(self._resident, TIERS)
         self._bytes_by_tier = _children(self._cache_bytes, TIERS)
+        self._sequences_by_state = _children(self._sequences, ("running", "waiting"))
         for source, target in _PRECREATED_LOADS:
             self._load.labels(source=source, target=target)
 
@@ -223,6 +262,7 @@ class RuntimeMetrics:
                 self._batch_size, self._batch_tokens, self._batch_adapters, self._split_batches,
                 self._isolated_failures,
                 self._batch_duration, self._requests, self._request_duration, self._queue_wait,
+                self._ttft, self._itl, self._generated, self._sequences, self._kv_bytes, self._preemptions,
             ],
         )
 
@@ -383,6 +423,28 @@ class RuntimeMetrics:
             self._request_duration.observe(duration_s)
         if queue_wait_s is not None:
             self._queue_wait.observe(queue_wait_s)
+
+    # -- generation --------------------------------------------------------------------------------
+
+    def first_token(self, seconds: float) -> None:
+        """Count a generation's first token, ``seconds`` after its submit."""
+        _check_amount("seconds", seconds)
+        self._ttft.observe(seconds)
+        self._generated.inc()
+
+    def next_token(self, seconds: float) -> None:
+        """Count a later token of a generation, ``seconds`` after its previous one."""
+        _check_amount("seconds", seconds)
+        self._itl.observe(seconds)
+        self._generated.inc()
+
+    def set_sequences(self, running: int, waiting: int, kv_bytes: int) -> None:
+        """The generations running and waiting now, and the bytes their KV cache holds."""
+        for name, value in (("running", running), ("waiting", waiting), ("kv_bytes", kv_bytes)):
+            _check_amount(name, value)
+        self._sequences_by_state["running"].set(running)
+        self._sequences_by_state["waiting"].set(waiting)
+        self._kv_bytes.set(kv_bytes)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(registry={self._registry!r})"

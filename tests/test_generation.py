@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from polylora_async import BASE_ADAPTER, InputValidationError, MultiLoraModel, WrapConfig
-from polylora_async._generation import GenSequence, RunningBatch, SamplingParams, filtered_probs, sample
+from polylora_async.runtime._decode import GenSequence, RunningBatch, SamplingParams, filtered_probs, sample
 from tests._causal import FAMILIES, PAD, VOCAB, CausalSet, prompts, save_adapters
 
 

@@ -218,7 +218,7 @@ def test_names_and_labels_follow_prometheus_conventions() -> None:
         if "bytes" in name:
             assert name.endswith("_bytes"), name
         for sample in family.samples:
-            assert set(sample.labels) <= {"tier", "outcome", "source", "target", "reason", "le"}, name
+            assert set(sample.labels) <= {"tier", "outcome", "source", "target", "reason", "state", "le"}, name
 
 
 # -- isolation ---------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class Admission:
         # Likewise a row longer than the position table, token types or positions past their
         # tables, embeddings of another width or floats of another dtype than the weights fail in
         # the model; refused at submit instead (see _check_length_fits, _check_ranges, check_dtypes_fit).
-        self.max_positions = _max_positions(model)
+        self.max_positions = max_positions(model)
         self._ranges = {name: size for name, size in _index_ranges(model, self._vocab_size).items() if size}
         self._embedding_width = _embedding_width(model)
         self._float_dtype = _float_dtype(model)
@@ -258,7 +258,7 @@ def check_input_names(inputs: object) -> None:
                 raise InputValidationError(f"input names must be strings, got {name!r}")
 
 
-def _max_positions(model: torch.nn.Module) -> int | None:
+def max_positions(model: torch.nn.Module) -> int | None:
     """Positions a row may use (Hugging Face config fields), if known.
 
     RoBERTa-style models number positions from ``padding_idx + 1``: their position table (an

@@ -33,7 +33,9 @@ from .._metrics import RuntimeMetrics
 from .._model import MultiLoraModel
 from ..store import AdapterStore, StoreConfig
 from ._admission import Admission, check_adapter_id, check_input_names, check_timeout
+from ._decode import SamplingParams
 from ._dispatch import Dispatcher
+from ._generation import GenerationLoop, TokenStream
 from ._types import (
     OutputSelector,
     Request,
@@ -42,7 +44,7 @@ from ._types import (
     StreamResult,
     default_select_output,
 )
-from ._worker import Worker, crash_error
+from ._worker import Worker, crash_error, is_device_error
 
 __all__ = ["Runtime", "RuntimeConfig", "RuntimeStatistics", "StreamResult", "default_select_output"]
 
@@ -113,6 +115,13 @@ class Runtime:
             running=self._running,
             on_crash=self._crashed,
         )
+        pad = getattr(getattr(model.model, "config", None), "pad_token_id", None)
+        self._generation = GenerationLoop(
+            model, self.store, self.metrics, self._worker.run, self._crashed, is_device_error,
+            pad_token_id=pad if isinstance(pad, int) and pad >= 0 else 0,
+            max_sequences=self.config.max_sequences, max_batch_tokens=self.config.max_batch_tokens,
+            kv_cache_bytes=self.config.kv_cache_bytes, starvation_limit=self.config.starvation_limit,
+        )  # fmt: skip
         self._room_waiters = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._room: asyncio.Condition | None = None
@@ -139,6 +148,7 @@ class Runtime:
         self._worker.start(self._loop)
         self._state = "running"
         self._dispatcher.start(self._loop)
+        self._spawn(self._generation.run(), "polylora-generation")
 
     async def aclose(self, *, shutdown: Literal["drain", "cancel"] | None = None) -> None:
         """Stop taking requests, then drain or cancel the queue; every pending request resolves.
@@ -156,13 +166,17 @@ class Runtime:
             self._state = "closing"
         if mode == "cancel":
             self._dispatcher.fail_pending(lambda: RuntimeClosedError("the runtime closed before this request ran"))
+            self._generation.close()
         self._dispatcher.wake()
         await self._dispatcher.drain()
+        if self._state != "crashed":
+            await self._generation.drained.wait()
         await _cancel_all([*self._dispatcher.watch_tasks(), *self._tasks])
         self._dispatcher.fail_pending(lambda: RuntimeClosedError("the runtime closed before this request ran"))
         if self._state != "crashed":
             self._state = "closed"
         self._worker.close()
+        self._generation.close()
         await self.store.aclose()
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -356,6 +370,57 @@ class Runtime:
         """
         return _stream(self.submit, requests, self.config.max_queue)
 
+    def generate(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        adapter: str = BASE_ADAPTER,
+        *,
+        generation_config: Any = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> TokenStream:
+        """Generate tokens after a prompt with ``adapter``; ``async for token in ...`` yields each id (``int``).
+
+        Every step of generation runs the running sequences, whatever their adapters, as one batch
+        (one token each) and admits waiting prompts; the stream ends at an eos token or after
+        ``max_new_tokens``. Breaking out, ``aclose()``, the timeout or cancelling the consumer ends
+        the sequence and frees its KV memory. Admission and the KV bound: :class:`RuntimeConfig`.
+
+        Args:
+            inputs: the prompt: ``{"input_ids": [P] or [1, P]}`` (an all-ones ``attention_mask`` may
+                come with it); checked like :meth:`submit`'s inputs, at this call.
+            adapter: an adapter id, or :data:`BASE_ADAPTER`.
+            generation_config: a ``transformers.GenerationConfig`` whose ``max_new_tokens``,
+                ``do_sample``, ``temperature``, ``top_k``, ``top_p`` and ``eos_token_id`` apply
+                unless given here.
+            timeout: seconds for the whole generation (:class:`RequestTimeoutError`).
+            **sampling: ``max_new_tokens`` (required here or in the config), ``do_sample``,
+                ``temperature``, ``top_k``, ``top_p``, ``eos_token_id`` (one id or a list),
+                ``seed`` (the sequence's own generator: the same tokens whatever its batch).
+
+        Raises:
+            InputValidationError: at this call, for a bad prompt, argument or sampling value, a
+                prompt that with ``max_new_tokens`` would pass the model's positions, or a model
+                that takes no KV cache. From the iterator: the errors of :meth:`submit`'s
+                resolution (:class:`AdapterNotFoundError`, :class:`AdapterLoadError`),
+                :class:`RequestTimeoutError`, :class:`BatchFailedError` (a step failed: every
+                sequence in it fails), :class:`RuntimeClosedError`, :class:`WorkerCrashedError`.
+        """
+        self._check_open()
+        check_adapter_id(adapter, "adapter")
+        check_timeout(timeout)
+        check_input_names(inputs)
+        params = SamplingParams.build(generation_config, **sampling)
+        tensors, *_ = self._admission.validate(inputs)
+        prompt = self._generation.prompt(tensors, params)
+        begin = functools.partial(self._generation.begin, prompt, adapter, params, timeout, self._resolve)
+        return TokenStream(begin, self._generation)
+
+    async def _resolve(self, adapter: str) -> Any:
+        self._check_open()
+        with _closed_as_runtime_closed():
+            return self.store.resolve_registered(adapter) or await self.store.resolve(adapter)
+
     @property
     def state(self) -> Literal["new", "running", "closing", "closed", "crashed"]:
         """``"running"`` while requests are accepted (for health checks)."""
@@ -385,6 +450,10 @@ class Runtime:
             queued=len(self._dispatcher.pending),
             split_batches=self.model.split_batches,
             store=self.store.statistics(),
+            generated_tokens=self._generation.tokens,
+            generation_steps=self._generation.steps,
+            generations_running=len(self._generation.running),
+            generations_waiting=len(self._generation.waiting),
         )
 
     # -- request plumbing -----------------------------------------------------------------------------
@@ -463,6 +532,7 @@ class Runtime:
         self._state = "crashed"
         self._crash = exc
         self._dispatcher.fail_pending(lambda: crash_error(exc))
+        self._generation.fail_all(lambda: crash_error(exc))
         self._dispatcher.wake()
 
 

@@ -135,6 +135,10 @@ class RuntimeStatistics:
     split_batches: int
     store: StoreStatistics
     isolated_failures: int = 0
+    generated_tokens: int = 0
+    generation_steps: int = 0
+    generations_running: int = 0
+    generations_waiting: int = 0
 
 
 @dataclass(frozen=True)

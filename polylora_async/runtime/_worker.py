@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,11 @@ class Worker:
         for pool in (self._executor, self._completer):
             if pool is not None:
                 pool.shutdown(wait=True)
+
+    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in the worker thread, after the batches handed to it before."""
+        assert self._loop is not None and self._executor is not None
+        return await self._loop.run_in_executor(self._executor, function, *args)
 
     async def launch(self, batch: Batch) -> tuple[str, Any, Any]:
         """Run ``batch`` in the worker thread: ``(outcome, payload, computed)`` as :meth:`_execute` says.

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ._errors import InputValidationError
-from ._model import MultiLoraModel
+from .._errors import InputValidationError
+from .._model import MultiLoraModel
 
 
 @dataclass(frozen=True)
