@@ -6,7 +6,8 @@
 #    kernel config sweep + host cost; khost: the host cost only; modelfast: bench_model.py without --peft;
 #    loadhost: an adapter load's host cost by stage and its interference with a forward's host work;
 #    storegpu / rtgpu: the store's / the runtime's GPU tests only; tasks: classification heads, GPT-2 Conv1D
-#    and task-shaped inputs on the GPU)
+#    and task-shaped inputs on the GPU; gen / generate: the generation GPU test / decode-step benchmark;
+#    schedcmp / modelcmp: the scheduler / model benchmarks of the tree in before/ and of this one)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -47,5 +48,19 @@ for step in $steps; do
         tasks)   timeout 200 python3 -m pytest -m gpu $(ls tests/gpu/test_heads_gpu.py tests/gpu/test_conv1d_gpu.py tests/gpu/test_runtime_io_gpu.py 2>/dev/null) -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/tasks_gpu.log" | tail -25 ;;
         rtgpu)   timeout 120 python3 -m pytest -m gpu tests/gpu/test_runtime_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/runtime_gpu.log" | tail -15 ;;
         demo)    timeout 200 python3 -m polylora_async demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
+        gen)     timeout 200 python3 -m pytest -m gpu tests/gpu/test_generation_gpu.py -q -s -p no:cacheprovider 2>&1 | tee "$OUT/generation_gpu.log" | tail -12 ;;
+        generate) timeout 200 python3 benchmarks/bench_generate.py --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log" | tail -8 ;;
+        # Before/after on this machine, alternating: the tree to compare with is unpacked in before/
+        # (e.g. `git archive <commit> | tar -x -C before`, carried to the device).
+        schedcmp) for tree in before . before .; do
+                     [ -d "$tree" ] || continue
+                     [ -e "$tree/polylora_async/kernels" ] || ln -s ../kernels "$tree/polylora_async/kernels"
+                     (cd "$tree" && PYTHONPATH=$PWD:/tmp/site timeout 120 python3 -c "import asyncio, json; from benchmarks.bench_runtime import scheduler_overhead as s; r = asyncio.run(s(False)); print('$tree', json.dumps({k: r[k] for k in ('overhead_us_per_request', 'overhead_us_per_request_all_runs', 'asyncio_floor_us_per_request', 'closed_loop_256_overhead_us_per_request')}))")
+                 done 2>&1 | grep -v Warning | tee "$OUT/schedcmp.log" | tail -8 ;;
+        modelcmp) for tree in before .; do
+                     [ -d "$tree" ] || continue
+                     [ -e "$tree/polylora_async/kernels" ] || ln -s ../kernels "$tree/polylora_async/kernels"
+                     (cd "$tree" && PYTHONPATH=$PWD:/tmp/site timeout 150 python3 benchmarks/bench_model.py --json "$OUT/model_$( [ "$tree" = . ] && echo after || echo before ).json" 2>&1 | tail -6)
+                 done 2>&1 | tee "$OUT/modelcmp.log" ;;
     esac
 done
