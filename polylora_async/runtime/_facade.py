@@ -12,8 +12,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -36,6 +35,7 @@ from ._admission import Admission, check_adapter_id, check_input_names, check_ti
 from ._decode import SamplingParams
 from ._dispatch import Dispatcher
 from ._generation import GenerationLoop, TokenStream
+from ._stream import cancel_all, stream_results
 from ._types import (
     OutputSelector,
     Request,
@@ -122,9 +122,8 @@ class Runtime:
             max_sequences=self.config.max_sequences, max_batch_tokens=self.config.max_batch_tokens,
             kv_cache_bytes=self.config.kv_cache_bytes, starvation_limit=self.config.starvation_limit,
         )  # fmt: skip
-        self._room_waiters = 0
+        self._room = _Room(self._has_room)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._room: asyncio.Condition | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # every other task the runtime starts
         self._state: Literal["new", "running", "closing", "closed", "crashed"] = "new"
         self._crash: BaseException | None = None
@@ -144,7 +143,6 @@ class Runtime:
         if self._state != "new":
             raise RuntimeClosedError(f"the runtime cannot start: it is {self._state}")
         self._loop = asyncio.get_running_loop()
-        self._room = asyncio.Condition()
         self._worker.start(self._loop)
         self._state = "running"
         self._dispatcher.start(self._loop)
@@ -158,7 +156,7 @@ class Runtime:
         """
         if self._state in ("new", "closed"):
             self._state = "closed"
-            await _cancel_all(list(self._tasks))
+            await cancel_all(list(self._tasks))
             await self.store.aclose()
             return
         mode = shutdown or self.config.shutdown
@@ -171,7 +169,7 @@ class Runtime:
         await self._dispatcher.drain()
         if self._state != "crashed":
             await self._generation.drained.wait()
-        await _cancel_all([*self._dispatcher.watch_tasks(), *self._tasks])
+        await cancel_all([*self._dispatcher.watch_tasks(), *self._tasks])
         self._dispatcher.fail_pending(lambda: RuntimeClosedError("the runtime closed before this request ran"))
         if self._state != "crashed":
             self._state = "closed"
@@ -234,19 +232,7 @@ class Runtime:
         ids = list(adapter_ids)
         for adapter_id in ids:
             check_adapter_id(adapter_id, "adapter_ids")
-        self._spawn(self._prefetch_ids(ids), "polylora-prefetch")
-
-    async def _prefetch_ids(self, adapter_ids: list[str]) -> None:
-        refs = []
-        try:
-            for adapter_id in adapter_ids:
-                with contextlib.suppress(Exception):
-                    refs.append(await self.store.resolve(adapter_id))
-            with contextlib.suppress(StoreClosedError):  # closed meanwhile: nothing left to warm
-                self.store.prefetch(refs)
-        finally:
-            for ref in refs:
-                self.store.release_ref(ref)
+        self._spawn(_prefetch(self.store, ids), "polylora-prefetch")
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         """A task the runtime keeps until it ends, so none is lost and ``aclose()`` can end them all."""
@@ -309,7 +295,7 @@ class Runtime:
                         raise RequestTimeoutError(f"adapter {adapter!r} was not resolved within {timeout} s") from None
         if len(self._dispatcher.pending) >= self.config.max_queue or self._state != "running":
             try:
-                await self._wait_for_room(deadline)
+                await self._room.wait(deadline, self._timed_out_waiting)
                 self._check_open()
             except BaseException:
                 if ref is not None:
@@ -368,7 +354,7 @@ class Runtime:
         Raises:
             InputValidationError: ``requests`` is not an iterable, or an item is malformed.
         """
-        return _stream(self.submit, requests, self.config.max_queue)
+        return stream_results(self.submit, requests, self.config.max_queue)
 
     def generate(
         self,
@@ -477,19 +463,9 @@ class Runtime:
     def _has_room(self) -> bool:
         return len(self._dispatcher.pending) < self.config.max_queue or self._state != "running"
 
-    async def _wait_for_room(self, deadline: float | None) -> None:
-        assert self._room is not None
-        self._room_waiters += 1
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout_at(deadline), self._room:
-                await self._room.wait_for(self._has_room)
-        except TimeoutError:
-            self._stats["timed_out"] += 1
-            self.metrics.request_done("timeout", time.perf_counter() - started)
-            raise RequestTimeoutError("no room in the queue before the request's timeout") from None
-        finally:
-            self._room_waiters -= 1
+    def _timed_out_waiting(self, waited: float) -> None:
+        self._stats["timed_out"] += 1
+        self.metrics.request_done("timeout", waited)
 
     def _expire(self, request: Request, timeout: float) -> None:
         if not request.future.done():
@@ -518,13 +494,8 @@ class Runtime:
             self._stats["completed"] += 1
         queue_wait = None if request.dispatched is None else request.dispatched - request.submitted
         self.metrics.request_done(outcome, elapsed, queue_wait)
-        if self._room_waiters and self._loop is not None:
-            self._spawn(self._notify_room(), "polylora-room")
-
-    async def _notify_room(self) -> None:
-        assert self._room is not None
-        async with self._room:
-            self._room.notify_all()
+        if self._room.waiters and self._loop is not None:
+            self._spawn(self._room.notify(), "polylora-room")
 
     def _crashed(self, exc: BaseException) -> None:
         if self._state == "crashed":
@@ -536,81 +507,6 @@ class Runtime:
         self._dispatcher.wake()
 
 
-@dataclass(frozen=True)
-class _SourceEnd:
-    """The stream's source is exhausted (``error`` None) or failed."""
-
-    error: BaseException | None
-
-
-def _stream_item(item: object, index: int) -> tuple[Any, Mapping[str, torch.Tensor], str]:
-    if not isinstance(item, tuple) or len(item) != 3:
-        raise InputValidationError(f"stream item {index} must be a (key, inputs, adapter) tuple, got {item!r}")
-    return item
-
-
-async def _stream(
-    submit: Callable[[Mapping[str, torch.Tensor], str], Awaitable[Any]],
-    requests: Iterable[tuple[Any, Mapping[str, torch.Tensor], str]] | AsyncIterator[Any],
-    max_queue: int,
-) -> AsyncIterator[StreamResult]:
-    """:meth:`Runtime.stream`: at most ``max_queue`` items taken from ``requests`` and not yet yielded."""
-    if not isinstance(requests, (Iterable, AsyncIterator)):
-        raise InputValidationError(f"`requests` must be an iterable or async iterator, got {requests!r}")
-    done: asyncio.Queue[StreamResult | _SourceEnd] = asyncio.Queue()
-    room = asyncio.Semaphore(max_queue)
-    started = 0
-
-    async def run_one(key: Any, inputs: Mapping[str, torch.Tensor], adapter: str) -> None:
-        try:
-            result = StreamResult(key, value=await submit(inputs, adapter))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            result = StreamResult(key, error=exc)
-        done.put_nowait(result)
-
-    async def feed() -> None:
-        nonlocal started
-        error: BaseException | None = None
-        try:
-            source = requests if isinstance(requests, AsyncIterator) else iter(requests)
-            while True:
-                await room.acquire()  # released when the consumer takes a result
-                try:
-                    item = await anext(source) if isinstance(source, AsyncIterator) else next(source)
-                except (StopIteration, StopAsyncIteration):
-                    break
-                key, inputs, adapter = _stream_item(item, started)
-                started += 1
-                task = asyncio.get_running_loop().create_task(run_one(key, inputs, adapter))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = exc
-        done.put_nowait(_SourceEnd(error))
-
-    tasks: set[asyncio.Task[None]] = set()
-    feeder = asyncio.get_running_loop().create_task(feed())
-    yielded = 0
-    end: _SourceEnd | None = None
-    try:
-        while end is None or yielded < started:
-            item = await done.get()
-            if isinstance(item, _SourceEnd):
-                end = item
-                continue
-            yielded += 1
-            room.release()
-            yield item
-        if end.error is not None:
-            raise end.error
-    finally:
-        await _cancel_all([feeder, *tasks])
-
-
 @contextlib.contextmanager
 def _closed_as_runtime_closed() -> Any:
     """The store closes with the runtime: callers see the runtime's documented error."""
@@ -620,8 +516,44 @@ def _closed_as_runtime_closed() -> Any:
         raise RuntimeClosedError(f"the runtime is closed: {exc}") from exc
 
 
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
+class _Room:
+    """Backpressure: ``submit`` waits here while the queue is full (``has_room`` false)."""
+
+    def __init__(self, has_room: Callable[[], bool]) -> None:
+        self._has_room = has_room
+        self._condition: asyncio.Condition | None = None
+        self.waiters = 0
+
+    async def wait(self, deadline: float | None, on_timeout: Callable[[float], None]) -> None:
+        """Until there is room, or RequestTimeoutError at ``deadline`` (``on_timeout`` gets the wait)."""
+        if self._condition is None:
+            self._condition = asyncio.Condition()
+        self.waiters += 1
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout_at(deadline), self._condition:
+                await self._condition.wait_for(self._has_room)
+        except TimeoutError:
+            on_timeout(time.perf_counter() - started)
+            raise RequestTimeoutError("no room in the queue before the request's timeout") from None
+        finally:
+            self.waiters -= 1
+
+    async def notify(self) -> None:
+        if self._condition is not None:
+            async with self._condition:
+                self._condition.notify_all()
+
+
+async def _prefetch(store: AdapterStore, adapter_ids: list[str]) -> None:
+    """:meth:`Runtime.prefetch`'s task: resolve what can be, hand it to the store's prefetcher."""
+    refs = []
+    try:
+        for adapter_id in adapter_ids:
+            with contextlib.suppress(Exception):
+                refs.append(await store.resolve(adapter_id))
+        with contextlib.suppress(StoreClosedError):  # closed meanwhile: nothing left to warm
+            store.prefetch(refs)
+    finally:
+        for ref in refs:
+            store.release_ref(ref)
