@@ -315,3 +315,52 @@ def test_ray_serve_routes_each_adapter_to_a_replica_that_holds_it(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+async def test_openai_server_answers_the_openai_client_as_peft_would(tmp_path: Path) -> None:
+    # The official client over 127.0.0.1: every completion equals PEFT's greedy generation of
+    # that prompt alone; streaming gives the same text chunk by chunk; errors keep OpenAI's shape.
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    openai = pytest.importorskip("openai")
+    from peft import PeftModel
+
+    server = _example("openai_server")
+    paths = {"support": server.write_adapter(str(tmp_path / "support"), 4, seed=1)}
+    paths["legal"] = server.write_adapter(str(tmp_path / "legal"), 8, seed=2)
+    base = server.build_model()
+    model = MultiLoraModel(base, WrapConfig(server.TARGETS, max_rank=8, num_slots=4))
+    app = server.create_app(
+        model, paths, encode=server.encode_bytes, decode=server.decode_bytes, eos_token_id=server.EOS_ID
+    )
+    prompts = [("support", "Hello, world"), ("legal", [72, 105, 33]), ("base", "abc"), ("legal", "The contract")]
+    async with asyncio.timeout(120), _serving(app) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answers = await asyncio.gather(
+            *(client.completions.create(model=m, prompt=p, max_tokens=8, temperature=0) for m, p in prompts)
+        )
+        chunks = [
+            c.choices[0].text
+            async for c in await client.completions.create(
+                model="support", prompt="Hello, world", max_tokens=8, temperature=0, stream=True
+            )
+        ]
+        listed = await client.models.list()
+        with pytest.raises(openai.NotFoundError, match="nope"):
+            await client.completions.create(model="nope", prompt="x", max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="max_new_tokens"):
+            await client.completions.create(model="support", prompt="x", max_tokens=0)
+    assert sorted(m.id for m in listed.data) == ["base", "legal", "support"]
+    reference_base = server.build_model()
+    for (name, prompt), answer in zip(prompts, answers, strict=True):
+        ids = server.encode_bytes(prompt) if isinstance(prompt, str) else prompt
+        oracle = reference_base if name == "base" else PeftModel.from_pretrained(server.build_model(), paths[name])
+        with torch.no_grad():
+            out = oracle.generate(
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=8, do_sample=False, pad_token_id=server.PAD_ID, eos_token_id=server.EOS_ID,
+            )  # fmt: skip
+        new = out[0, len(ids) :].tolist()
+        assert answer.choices[0].text == server.decode_bytes(new), name
+        assert answer.usage.completion_tokens == len(new)
+    assert "".join(chunks) == answers[0].choices[0].text
