@@ -6,7 +6,6 @@ Shared by the generation tests (CPU and GPU). The oracle for a sequence is PEFT'
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 from torch import nn
+
+from tests._models import write_peft_adapters
 
 VOCAB = 101
 PAD = 0
@@ -36,6 +37,7 @@ def build(family: str, seed: int = 0) -> nn.Module:
     small: dict[str, Any] = {
         "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": PAD,
+        "bos_token_id": None, "eos_token_id": None,  # no stop token: sequences run to max_new_tokens unless given one
     }  # fmt: skip
     if family == "llama":
         model: nn.Module = tf.LlamaForCausalLM(tf.LlamaConfig(**small))
@@ -46,7 +48,7 @@ def build(family: str, seed: int = 0) -> nn.Module:
     elif family == "gpt2":
         config = tf.GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+            attn_pdrop=0.0, pad_token_id=PAD, bos_token_id=None, eos_token_id=None,
         )  # fmt: skip
         model = tf.GPT2LMHeadModel(config)
     else:
@@ -75,28 +77,17 @@ class CausalSet:
 
 
 def save_adapters(family: str, ranks: dict[str, int], root: Path, seed: int = 1) -> CausalSet:
-    from peft import LoraConfig, PeftModel, get_peft_model
-
+    """One PEFT ``CAUSAL_LM`` LoRA adapter per name (random non-zero A and B), saved by PEFT."""
     base = build(family)
-    paths: dict[str, Path] = {}
-    for i, (name, rank) in enumerate(ranks.items()):
-        config = LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=FAMILIES[family], task_type="CAUSAL_LM",
-            init_lora_weights=False, fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D layers
-        )  # fmt: skip
-        peft_model = get_peft_model(copy.deepcopy(base), config)
-        torch.manual_seed(seed + i)
-        with torch.no_grad():
-            for n, p in peft_model.named_parameters():
-                if "lora_" in n:
-                    p.normal_(0.0, 0.3)
-        paths[name] = root / name
-        peft_model.save_pretrained(str(paths[name]))
-    names = list(ranks)
-    oracle = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        oracle.load_adapter(str(paths[name]), adapter_name=name)
-    return CausalSet(family, base, paths, oracle.eval())
+    specs = {
+        name: {
+            "r": r, "lora_alpha": 2 * r, "target_modules": FAMILIES[family], "task_type": "CAUSAL_LM",
+            "fan_in_fan_out": family == "gpt2",  # GPT-2's Conv1D layers
+        }
+        for name, r in ranks.items()
+    }  # fmt: skip
+    paths, oracle = write_peft_adapters(base, specs, root, seed)
+    return CausalSet(family, base, paths, oracle)
 
 
 def prompts(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:

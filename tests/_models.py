@@ -10,6 +10,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -79,26 +80,33 @@ class AdapterSet:
             return self.peft(**inputs).last_hidden_state
 
 
-def save_peft_adapters(base: nn.Module, specs: dict[str, dict[str, object]], root: Path, seed: int = 1) -> AdapterSet:
-    """Create one PEFT LoRA adapter per spec (random A and B), save each, load all into one PeftModel."""
+def write_peft_adapters(
+    base: nn.Module, specs: dict[str, dict[str, Any]], root: Path, seed: int = 1
+) -> tuple[dict[str, Path], Any]:
+    """One PEFT LoRA adapter per spec (``LoraConfig`` fields; random, clearly non-zero A and B), each
+    saved by ``save_pretrained`` under ``root``; returns the paths and one PeftModel holding them all."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     paths = {}
     for i, (name, spec) in enumerate(specs.items()):
         torch.manual_seed(seed + i)
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **spec))  # type: ignore[arg-type]
-        with torch.no_grad():  # make B clearly non-zero and distinct per adapter
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **spec))
+        with torch.no_grad():  # distinct per adapter
             for n, p in peft_model.named_parameters():
                 if "lora_" in n:
                     p.normal_(0.0, 0.3)
-        path = root / name
-        peft_model.save_pretrained(str(path))
-        paths[name] = path
+        paths[name] = root / name
+        peft_model.save_pretrained(str(paths[name]))
     names = list(specs)
     oracle = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         oracle.load_adapter(str(paths[name]), adapter_name=name)
-    oracle.eval()
+    return paths, oracle.eval()
+
+
+def save_peft_adapters(base: nn.Module, specs: dict[str, dict[str, Any]], root: Path, seed: int = 1) -> AdapterSet:
+    """PEFT adapters for ``base`` (see :func:`write_peft_adapters`) with the solo-run oracle."""
+    paths, oracle = write_peft_adapters(base, specs, root, seed)
     return AdapterSet(base=base, paths=paths, peft=oracle)
 
 

@@ -5,7 +5,6 @@ Shared by tests/test_encoder_decoder.py and tests/gpu/test_encoder_decoder_gpu.p
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 from torch import nn
+
+from tests._models import write_peft_adapters
 
 VOCAB = 101
 # family -> (LoRA targets, pad token id)
@@ -70,28 +71,12 @@ class Seq2SeqSet:
 
 def save_adapters(family: str, ranks: dict[str, int], root: Path, seed: int = 1) -> Seq2SeqSet:
     """One PEFT ``SEQ_2_SEQ_LM`` LoRA adapter per name (random non-zero A and B), saved by PEFT."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     base = build(family)
-    targets = FAMILIES[family][0]
-    paths: dict[str, Path] = {}
-    for i, (name, rank) in enumerate(ranks.items()):
-        torch.manual_seed(seed + i)
-        config = LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="SEQ_2_SEQ_LM", init_lora_weights=False
-        )
-        peft_model = get_peft_model(copy.deepcopy(base), config)
-        with torch.no_grad():
-            for n, p in peft_model.named_parameters():
-                if "lora_" in n:
-                    p.normal_(0.0, 0.3)
-        paths[name] = root / name
-        peft_model.save_pretrained(str(paths[name]))
-    names = list(ranks)
-    oracle = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        oracle.load_adapter(str(paths[name]), adapter_name=name)
-    oracle.eval()
+    specs = {
+        name: {"r": r, "lora_alpha": 2 * r, "target_modules": FAMILIES[family][0], "task_type": "SEQ_2_SEQ_LM"}
+        for name, r in ranks.items()
+    }
+    paths, oracle = write_peft_adapters(base, specs, root, seed)
     return Seq2SeqSet(family, base, paths, oracle)
 
 

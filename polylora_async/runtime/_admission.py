@@ -36,13 +36,14 @@ class Admission:
         # Token ids must index the model's embedding table: one id out of range would fail its
         # whole batch (and on CUDA an out-of-range gather is a device assert that ends the process's
         # CUDA context), so submit() refuses it up front.
-        self._vocab_size = _vocab_size(model)
+        table = _input_embeddings(model)
+        self._vocab_size = None if table is None else table.num_embeddings
         # Likewise a row longer than the position table, token types or positions past their
         # tables, embeddings of another width or floats of another dtype than the weights fail in
         # the model; refused at submit instead (see _check_length_fits, _check_ranges, check_dtypes_fit).
         self.max_positions = max_positions(model)
         self._ranges = {name: size for name, size in _index_ranges(model, self._vocab_size).items() if size}
-        self._embedding_width = _embedding_width(model)
+        self._embedding_width = None if table is None else table.embedding_dim
         self._float_dtype = _float_dtype(model)
         # A decoder classifier finds each row's last real token from `input_ids`; given embeddings
         # alone it reads the last position, which padding may occupy.
@@ -302,15 +303,6 @@ def _index_ranges(model: torch.nn.Module, vocab_size: int | None) -> dict[str, i
     }
 
 
-def _embedding_width(model: torch.nn.Module) -> int | None:
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        embeddings = getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        return None
-    return embeddings.embedding_dim if isinstance(embeddings, torch.nn.Embedding) else None
-
-
 def reads_last_token(model: torch.nn.Module) -> bool:
     """A decoder classifier: it reads each row at its last token that is not ``config.pad_token_id``.
 
@@ -333,14 +325,14 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
-def _vocab_size(model: torch.nn.Module) -> int | None:
-    """Rows of the model's input embedding table (Hugging Face's ``get_input_embeddings``), if it has one."""
+def _input_embeddings(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    """The model's input embedding table (Hugging Face's ``get_input_embeddings``), if it has one."""
     getter = getattr(model, "get_input_embeddings", None)
     try:
         embeddings = getter() if callable(getter) else None
     except (NotImplementedError, AttributeError):
         return None
-    return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else None
+    return embeddings if isinstance(embeddings, torch.nn.Embedding) else None
 
 
 # Token-level integer inputs: [L] per request (a tokenizer's [1, L] squeezed), normalised to int64.
