@@ -76,13 +76,18 @@ class CausalSet:
         return [int(t) for t in out[0, len(prompt) :]]
 
 
-def save_adapters(family: str, ranks: dict[str, int], root: Path, seed: int = 1) -> CausalSet:
-    """One PEFT ``CAUSAL_LM`` LoRA adapter per name (random non-zero A and B), saved by PEFT."""
+def save_adapters(
+    family: str, ranks: dict[str, int], root: Path, seed: int = 1, targets: dict[str, list[str]] | None = None
+) -> CausalSet:
+    """One PEFT ``CAUSAL_LM`` LoRA adapter per name (random non-zero A and B), saved by PEFT.
+
+    Each covers the family's targets, or ``targets[name]`` (a subset) where given.
+    """
     base = build(family)
     specs = {
         name: {
-            "r": r, "lora_alpha": 2 * r, "target_modules": FAMILIES[family], "task_type": "CAUSAL_LM",
-            "fan_in_fan_out": family == "gpt2",  # GPT-2's Conv1D layers
+            "r": r, "lora_alpha": 2 * r, "target_modules": (targets or {}).get(name, FAMILIES[family]),
+            "task_type": "CAUSAL_LM", "fan_in_fan_out": family == "gpt2",  # GPT-2's Conv1D layers
         }
         for name, r in ranks.items()
     }  # fmt: skip
