@@ -6,7 +6,7 @@
 #    kernel config sweep + host cost; khost: the host cost only; modelfast: bench_model.py without --peft;
 #    loadhost: an adapter load's host cost by stage and its interference with a forward's host work;
 #    storegpu / rtgpu: the store's / the runtime's GPU tests only; tasks: classification heads, GPT-2 Conv1D
-#    and task-shaped inputs on the GPU; gen / generate: the generation GPU test / decode-step benchmark;
+#    and task-shaped inputs on the GPU; gen / generate / genrate: the generation GPU test / decode-step benchmark / throughput benchmark;
 #    schedcmp / modelcmp: the scheduler / model benchmarks of the tree in before/ and of this one)
 set -u
 cd "$(dirname "$0")/.."
@@ -50,6 +50,7 @@ for step in $steps; do
         demo)    timeout 200 python3 -m polylora_async demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
         gen)     timeout 200 python3 -m pytest -m gpu tests/gpu/test_generation_gpu.py -q -s -p no:cacheprovider 2>&1 | tee "$OUT/generation_gpu.log" | tail -12 ;;
         generate) timeout 200 python3 benchmarks/bench_generate.py --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log" | tail -8 ;;
+        genrate) timeout 400 python3 benchmarks/bench_generate_throughput.py --json "$OUT/generate_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/generate_throughput.log" | tail -8 ;;
         # Before/after on this machine, alternating: the tree to compare with is unpacked in before/
         # (e.g. `git archive <commit> | tar -x -C before`, carried to the device).
         schedcmp) for tree in before . before .; do
