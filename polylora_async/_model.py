@@ -76,8 +76,8 @@ class MultiLoraModel(nn.Module):
         self._lock = threading.RLock()
         self._layers: dict[str, MultiLoraLinear] = {}
         self._heads: dict[str, MultiLoraHead] = {}
-        self._wrap(model, config)
-        self._wrap_heads(model, config)
+        self._layers.update(_wrap_layers(model, config, self._state))
+        self._heads.update(_wrap_heads(model, config, self._state, list(self._layers)))
         self.patched_modules = apply_patches(model, self._state)
         # slot -> adapter id; slot 0 is the base model.
         self._slot_owner: list[str | None] = [BASE_ADAPTER] + [None] * config.num_slots
@@ -90,50 +90,6 @@ class MultiLoraModel(nn.Module):
         """How many batches ran split into adapter-homogeneous groups (see :meth:`forward`)."""
 
     # -- wrapping ---------------------------------------------------------------------------------
-
-    def _wrap(self, model: nn.Module, config: WrapConfig) -> None:
-        matched = [(n, m) for n, m in model.named_modules() if n and config.targets(n)]
-        if not matched:
-            raise TargetModulesError(
-                f"`target_modules`={config.target_modules!r} matches no module of {type(model).__name__}"
-            )
-        wrong = [(n, _type_path(m)) for n, m in matched if linear_features(m) is None]
-        # A container whose own name matches (e.g. an `attention` block) is an error only if it was
-        # the sole match for that pattern; PEFT reports the same condition.
-        if wrong:
-            raise TargetModulesError(
-                "`target_modules` matches modules that are not nn.Linear (with floating-point weights) or "
-                "transformers' Conv1D, so they cannot be wrapped: " + ", ".join(f"{n} ({t})" for n, t in wrong[:5])
-            )
-        slots = config.num_slots + 1
-        for name, linear in matched:
-            layer = MultiLoraLinear(linear, name, slots, config.max_rank, self._state)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer)
-            self._layers[name] = layer
-
-    def _wrap_heads(self, model: nn.Module, config: WrapConfig) -> None:
-        # Decided once, here: a module cannot be swapped for its wrapper while batches run.
-        found = find_heads(model, config.modules_to_save, skip=list(self._layers))
-        if config.modules_to_save is not None:
-            unmatched = [p for p in config.modules_to_save if not any(n == p or n.endswith("." + p) for n, _ in found)]
-            if unmatched:
-                raise TargetModulesError(
-                    f"`modules_to_save` entries {unmatched} match no module of {type(model).__name__}"
-                )
-        for name, module in found:
-            inner = [n for n in self._layers if n.startswith(name + ".")]
-            if inner:
-                raise TargetModulesError(
-                    f"module {name!r} is in `modules_to_save` but also holds LoRA targets {inner[:3]}: "
-                    "exclude them (`exclude_modules`) or do not save the module"
-                )
-            head = MultiLoraHead(module, name, self.config.num_slots + 1, self._state)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, head)
-            self._heads[name] = head
 
     @property
     def head_names(self) -> list[str]:
@@ -377,46 +333,7 @@ class MultiLoraModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter {weights.adapter_id!r} was validated for another model: {sorted(unknown)[:3]}")
         packed = pack_weights(weights, pin_memory=False, dtype=self.dtype)
-        storage = packed.storage
-        assert storage is not None
-        staged = storage.to(self.device, non_blocking=True)  # on the CPU: the storage itself
-        base, itemsize = storage.data_ptr(), storage.element_size()
-
-        def on_device(tensor: torch.Tensor) -> torch.Tensor:
-            return view_at(staged, (tensor.data_ptr() - base) // itemsize, tensor.shape)
-
-        for name, head in self._heads.items():
-            copy = packed.heads.get(name)
-            # Own device memory per slot (the staged storage is freed after this write); cloned on
-            # the current stream, so nothing waits for the device.
-            head.set_slot(slot, None if copy is None else {k: on_device(t).clone() for k, t in copy.items()})
-
-        targets: list[torch.Tensor] = []
-        sources: list[torch.Tensor] = []
-        stale: list[torch.Tensor] = []
-        ranks: dict[int, list[torch.Tensor]] = {}
-        scales: dict[float, list[torch.Tensor]] = {}
-        for name, layer in self._layers.items():
-            lora = packed.layers.get(name)
-            if lora is None:
-                plan = layer.plan_slot_write(slot, None)
-            else:
-                plan = layer.plan_slot_write(slot, lora, on_device(lora.a), on_device(lora.b))
-            targets += plan.targets
-            sources += plan.sources
-            stale += plan.stale
-            ranks.setdefault(layer.slot_ranks[slot], []).append(plan.rank_entry)
-            scales.setdefault(layer.slot_scales[slot], []).append(plan.scale_entry)
-        if targets:
-            torch._foreach_copy_(targets, sources, non_blocking=True)
-        if stale:
-            torch._foreach_zero_(stale)
-        # The tables take one value per distinct rank / scale (usually one or two): a device tensor
-        # filled once, copied into every entry with one batched call.
-        for table, dtype in ((ranks, torch.int32), (scales, torch.float32)):
-            for value, entries in table.items():
-                fill = torch.full((1,), value, dtype=dtype, device=entries[0].device)
-                torch._foreach_copy_(entries, [fill] * len(entries))
+        _write_slot(self._layers, self._heads, slot, packed, self.device)
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -493,6 +410,106 @@ class MultiLoraModel(nn.Module):
 
     def iter_layers(self) -> Iterable[MultiLoraLinear]:
         return self._layers.values()
+
+
+def _wrap_layers(model: nn.Module, config: WrapConfig, state: BatchState) -> dict[str, MultiLoraLinear]:
+    """Replace every targeted layer of ``model`` by its :class:`MultiLoraLinear`; name -> wrapper."""
+    matched = [(n, m) for n, m in model.named_modules() if n and config.targets(n)]
+    if not matched:
+        raise TargetModulesError(
+            f"`target_modules`={config.target_modules!r} matches no module of {type(model).__name__}"
+        )
+    wrong = [(n, _type_path(m)) for n, m in matched if linear_features(m) is None]
+    # A container whose own name matches (e.g. an `attention` block) is an error only if it was
+    # the sole match for that pattern; PEFT reports the same condition.
+    if wrong:
+        raise TargetModulesError(
+            "`target_modules` matches modules that are not nn.Linear (with floating-point weights) or "
+            "transformers' Conv1D, so they cannot be wrapped: " + ", ".join(f"{n} ({t})" for n, t in wrong[:5])
+        )
+    layers = {}
+    for name, linear in matched:
+        layers[name] = MultiLoraLinear(linear, name, config.num_slots + 1, config.max_rank, state)
+        _replace(model, name, layers[name])
+    return layers
+
+
+def _wrap_heads(model: nn.Module, config: WrapConfig, state: BatchState, layers: list[str]) -> dict[str, MultiLoraHead]:
+    """Replace every module adapters may save whole (``modules_to_save``) by its :class:`MultiLoraHead`.
+
+    Decided once, at wrap time: a module cannot be swapped for its wrapper while batches run.
+    """
+    found = find_heads(model, config.modules_to_save, skip=layers)
+    if config.modules_to_save is not None:
+        unmatched = [p for p in config.modules_to_save if not any(n == p or n.endswith("." + p) for n, _ in found)]
+        if unmatched:
+            raise TargetModulesError(f"`modules_to_save` entries {unmatched} match no module of {type(model).__name__}")
+    heads = {}
+    for name, module in found:
+        inner = [n for n in layers if n.startswith(name + ".")]
+        if inner:
+            raise TargetModulesError(
+                f"module {name!r} is in `modules_to_save` but also holds LoRA targets {inner[:3]}: "
+                "exclude them (`exclude_modules`) or do not save the module"
+            )
+        heads[name] = MultiLoraHead(module, name, config.num_slots + 1, state)
+        _replace(model, name, heads[name])
+    return heads
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _write_slot(
+    layers: Mapping[str, MultiLoraLinear],
+    heads: Mapping[str, MultiLoraHead],
+    slot: int,
+    packed: AdapterWeights,
+    device: torch.device,
+) -> None:
+    """:meth:`MultiLoraModel.write_slot` once checked: one H2D copy, then a few batched calls for every layer."""
+    storage = packed.storage
+    assert storage is not None
+    staged = storage.to(device, non_blocking=True)  # on the CPU: the storage itself
+    base, itemsize = storage.data_ptr(), storage.element_size()
+
+    def on_device(tensor: torch.Tensor) -> torch.Tensor:
+        return view_at(staged, (tensor.data_ptr() - base) // itemsize, tensor.shape)
+
+    for name, head in heads.items():
+        copy = packed.heads.get(name)
+        # Own device memory per slot (the staged storage is freed after this write); cloned on
+        # the current stream, so nothing waits for the device.
+        head.set_slot(slot, None if copy is None else {k: on_device(t).clone() for k, t in copy.items()})
+
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    stale: list[torch.Tensor] = []
+    ranks: dict[int, list[torch.Tensor]] = {}
+    scales: dict[float, list[torch.Tensor]] = {}
+    for name, layer in layers.items():
+        lora = packed.layers.get(name)
+        if lora is None:
+            plan = layer.plan_slot_write(slot, None)
+        else:
+            plan = layer.plan_slot_write(slot, lora, on_device(lora.a), on_device(lora.b))
+        targets += plan.targets
+        sources += plan.sources
+        stale += plan.stale
+        ranks.setdefault(layer.slot_ranks[slot], []).append(plan.rank_entry)
+        scales.setdefault(layer.slot_scales[slot], []).append(plan.scale_entry)
+    if targets:
+        torch._foreach_copy_(targets, sources, non_blocking=True)
+    if stale:
+        torch._foreach_zero_(stale)
+    # The tables take one value per distinct rank / scale (usually one or two): a device tensor
+    # filled once, copied into every entry with one batched call.
+    for table, dtype in ((ranks, torch.int32), (scales, torch.float32)):
+        for value, entries in table.items():
+            fill = torch.full((1,), value, dtype=dtype, device=entries[0].device)
+            torch._foreach_copy_(entries, [fill] * len(entries))
 
 
 def _type_path(module: nn.Module) -> str:
