@@ -334,8 +334,11 @@ async def test_openai_server_answers_the_openai_client_as_peft_would(tmp_path: P
         model, paths, encode=server.encode_bytes, decode=server.decode_bytes, eos_token_id=server.EOS_ID
     )
     prompts = [("support", "Hello, world"), ("legal", [72, 105, 33]), ("base", "abc"), ("legal", "The contract")]
-    async with asyncio.timeout(120), _serving(app) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    async with (
+        asyncio.timeout(120),
+        _serving(app) as url,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client,
+    ):
         answers = await asyncio.gather(
             *(client.completions.create(model=m, prompt=p, max_tokens=8, temperature=0) for m, p in prompts)
         )
